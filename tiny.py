@@ -1,0 +1,252 @@
+"""The built-in tiny model: a search agent small enough to learn on a laptop CPU (testbed plumbing, not the method).
+
+A random tiny model never answers correctly, so GRPO would see only zero advantages and OPSD no correct sibling.
+`load_tiny(world)` instead returns a ~2M-parameter Qwen2 (the real `Qwen2ForCausalLM` class, so every code path
+is the one a 3B run takes) whose tokenizer is trained in-process on the synthetic world, warm-started by a short
+supervised pass on trajectories written in exactly the rollout format:
+
+    <think> I need to search NAME. </think>
+    <search> NAME </search>
+
+    <information>Doc 1(Title: ...) ...</information>
+
+    <think> I found the answer. </think>
+    <answer> ANSWER </answer><|im_end|>
+
+The trajectories are deliberately imperfect, so the starting policy knows the format but is far from good:
+some answer without searching (a guess), some search with a wrong query, some repeat a search. A share of the
+trajectories carries OPSD's privileged context (a reference solution in the prompt, `opsd.TEACHER_CONTEXT`) and
+follows it: a 3B model can read a worked solution in its prompt out of the box; a 2M one has to be shown once.
+
+Built once (about a minute on 2 cores) and cached under `$SEARCH_E1_CACHE` (default ~/.cache/search-e1),
+keyed by a hash of this recipe, the world's generator and the rollout format, so any change rebuilds it.
+    python -c "import data, tiny; tiny.load_tiny(data.make_world())"
+"""
+from __future__ import annotations
+
+import hashlib
+import inspect
+import math
+import os
+import random
+import shutil
+import tempfile
+from dataclasses import asdict, dataclass
+from pathlib import Path
+
+import torch
+from tokenizers import AddedToken, Tokenizer, decoders, models, pre_tokenizers, trainers
+from transformers import AutoModelForCausalLM, AutoTokenizer, PreTrainedTokenizerFast, Qwen2Config, Qwen2ForCausalLM
+
+import data
+import rollout
+from search import BM25Retriever, format_passages, parse_corpus_row
+
+# ChatML, as Qwen2.5 writes it (minus Qwen's default system message).
+CHAT_TEMPLATE = (
+    "{% for m in messages %}<|im_start|>{{ m['role'] }}\n{{ m['content'] }}<|im_end|>\n{% endfor %}"
+    "{% if add_generation_prompt %}<|im_start|>assistant\n{% endif %}"
+)
+SPECIAL_TOKENS = ["<|endoftext|>", "<|im_start|>", "<|im_end|>"]
+
+
+@dataclass(frozen=True)
+class TinyRecipe:
+    vocab_size: int = 2048  # BPE merges learned on the world's text
+    hidden_size: int = 128
+    num_layers: int = 4
+    num_heads: int = 4
+    num_kv_heads: int = 2
+    intermediate_size: int = 384
+    max_positions: int = 1024
+    num_trajectories: int = 3000  # warm-start set, drawn from the world's training questions
+    p_no_search: float = 0.30  # answer straight away with a guess of the right kind
+    p_wrong_query: float = 0.15  # search for the wrong entity, then answer from what came back
+    p_extra_search: float = 0.10  # repeat the last search once before answering
+    p_privileged: float = 0.20  # prompt carries a reference solution, which the trajectory follows
+    epochs: int = 3
+    batch_size: int = 32
+    lr: float = 3e-3
+    topk: int = 3
+    seed: int = 0
+
+
+def cache_dir() -> Path:
+    return Path(os.environ.get("SEARCH_E1_CACHE", Path.home() / ".cache" / "search-e1"))
+
+
+def recipe_key(recipe: TinyRecipe, world_args: dict) -> str:
+    """Hash of everything the tiny model depends on: recipe, world arguments, and the code that writes both."""
+    h = hashlib.sha256()
+    h.update(repr(sorted(asdict(recipe).items())).encode())
+    h.update(repr(sorted(world_args.items())).encode())
+    for module in (data, rollout):
+        h.update(inspect.getsource(module).encode())
+    h.update(Path(__file__).read_bytes())
+    return h.hexdigest()[:16]
+
+
+# ---------------------------------------------------------------- trajectories
+
+
+def _search_block(retriever, query: str, topk: int) -> tuple[str, str]:
+    """(sampled text, injected observation) for one search, in the rollout's exact format."""
+    docs = format_passages(retriever.search([query], topk)[0])
+    return f"<think> I need to search {query}. </think>\n<search> {query} </search>", f"\n\n<information>{docs}</information>\n\n"
+
+
+def make_trajectory(example, plan, world, retriever, recipe: TinyRecipe, rng: random.Random):
+    """A list of (text, trained) segments: the model's own turns are trained, observations are not."""
+    answers = [e.golden_answers[0] for e in world.train]
+    segments = []
+    r = rng.random()
+    if r < recipe.p_no_search:  # guess without looking
+        guess = rng.choice(answers)
+        return [(f"<think> I think I know this. </think>\n<answer> {guess} </answer>", True)], False
+    titles = [row["contents"].split("\n", 1)[0].strip('"') for row in world.corpus]
+    wrong = r < recipe.p_no_search + recipe.p_wrong_query
+    for i, (query, _) in enumerate(plan):
+        if wrong and i == 0:
+            query = rng.choice(titles)
+        said, obs = _search_block(retriever, query, recipe.topk)
+        if i > 0:
+            said = said.replace("I need to search", "Now I need to search", 1)
+        segments += [(said, True), (obs, False)]
+        if rng.random() < recipe.p_extra_search / len(plan):
+            segments += [(said, True), (obs, False)]
+    answer = rng.choice(answers) if wrong else example.golden_answers[0]
+    segments.append((f"<think> I found the answer. </think>\n<answer> {answer} </answer>", True))
+    return segments, not wrong
+
+
+def build_tokenizer(world, recipe: TinyRecipe) -> PreTrainedTokenizerFast:
+    """Byte-level BPE trained on the world's passages and questions; the fixed instruction is one token."""
+    tok = Tokenizer(models.BPE())
+    tok.pre_tokenizer = pre_tokenizers.ByteLevel(add_prefix_space=False)
+    tok.decoder = decoders.ByteLevel()
+    texts = [row["contents"] for row in world.corpus] + [e.question for e in world.train + world.test]
+    texts += ["<think> I need to search </think>\n<search> </search>\n\n<information>Doc 1(Title: ) </information>"
+              "\n\n<answer> </answer> I think I know this. I found the answer. Now"] * 50
+    trainer = trainers.BpeTrainer(
+        vocab_size=recipe.vocab_size, special_tokens=SPECIAL_TOKENS,
+        initial_alphabet=pre_tokenizers.ByteLevel.alphabet(), show_progress=False,
+    )
+    tok.train_from_iterator(texts, trainer)
+    # The instruction is the same ~100 words in every prompt; as one token a CPU step spends its time on the
+    # episode, not on re-reading boilerplate. The tokenizer still encodes any text (byte-level).
+    instruction, _ = rollout.INSTRUCTION.split("{question}")
+    tok.add_tokens([AddedToken(instruction, normalized=False)])
+    tokenizer = PreTrainedTokenizerFast(
+        tokenizer_object=tok, eos_token="<|im_end|>", pad_token="<|endoftext|>", clean_up_tokenization_spaces=False,
+    )
+    tokenizer.chat_template = CHAT_TEMPLATE
+    return tokenizer
+
+
+def encode_trajectory(tokenizer, prompt: str, segments) -> tuple[list[int], list[int]]:
+    """Token ids and loss mask (1 on the model's own tokens, EOS included) for prompt + response."""
+    ids = tokenizer(prompt, add_special_tokens=False).input_ids
+    mask = [0] * len(ids)
+    for text, trained in segments:
+        seg = tokenizer(text, add_special_tokens=False).input_ids
+        ids += seg
+        mask += [int(trained)] * len(seg)
+    ids.append(tokenizer.eos_token_id)
+    mask.append(1)
+    return ids, mask
+
+
+def warm_start_data(world, tokenizer, recipe: TinyRecipe) -> list[tuple[list[int], list[int]]]:
+    import opsd  # the privileged-context template lives with the method
+
+    rng = random.Random(recipe.seed)
+    retriever = BM25Retriever(passages=[parse_corpus_row(row) for row in world.corpus])
+    out = []
+    for _ in range(recipe.num_trajectories):
+        example = rng.choice(world.train)
+        plan = world.plans[example.id]
+        segments, _ = make_trajectory(example, plan, world, retriever, recipe, rng)
+        privileged = ""
+        if rng.random() < recipe.p_privileged:
+            # An ideal solution in the prompt, and the trajectory follows it exactly.
+            ideal = [s for q, _ in plan for s in _search_block(retriever, q, recipe.topk)]
+            ideal.append(f"<think> I found the answer. </think>\n<answer> {example.golden_answers[0]} </answer>")
+            privileged = opsd.TEACHER_CONTEXT.format(reference="".join(ideal))
+            segments = [(s, i % 2 == 0 or i == len(ideal) - 1) for i, s in enumerate(ideal)]
+        prompt = rollout.build_prompt(tokenizer, example.question, privileged=privileged)
+        out.append(encode_trajectory(tokenizer, prompt, segments))
+    return out
+
+
+# ---------------------------------------------------------------- model
+
+
+def build_model(tokenizer, recipe: TinyRecipe) -> Qwen2ForCausalLM:
+    config = Qwen2Config(
+        vocab_size=len(tokenizer), hidden_size=recipe.hidden_size, intermediate_size=recipe.intermediate_size,
+        num_hidden_layers=recipe.num_layers, num_attention_heads=recipe.num_heads,
+        num_key_value_heads=recipe.num_kv_heads, max_position_embeddings=recipe.max_positions,
+        tie_word_embeddings=True, bos_token_id=None, eos_token_id=tokenizer.eos_token_id,
+        pad_token_id=tokenizer.pad_token_id,
+    )
+    torch.manual_seed(recipe.seed)
+    return Qwen2ForCausalLM(config)
+
+
+def supervised_pass(model, batches_data, recipe: TinyRecipe, log=print) -> list[float]:
+    """Next-token cross-entropy on loss_mask = 1 tokens, AdamW with warmup and cosine decay."""
+    g = torch.Generator().manual_seed(recipe.seed)
+    opt = torch.optim.AdamW(model.parameters(), lr=recipe.lr, weight_decay=0.01, betas=(0.9, 0.98))
+    n = len(batches_data)
+    steps_per_epoch = math.ceil(n / recipe.batch_size)
+    total = recipe.epochs * steps_per_epoch
+    sched = torch.optim.lr_scheduler.LambdaLR(
+        opt, lambda s: min(1.0, (s + 1) / 50) * 0.5 * (1 + math.cos(math.pi * min(s, total) / total))
+    )
+    model.train()
+    losses = []
+    for epoch in range(recipe.epochs):
+        order = torch.randperm(n, generator=g).tolist()
+        for start in range(0, n, recipe.batch_size):
+            batch = [batches_data[i] for i in order[start:start + recipe.batch_size]]
+            T = max(len(ids) for ids, _ in batch)
+            input_ids = torch.zeros(len(batch), T, dtype=torch.long)  # (B, T)
+            attention = torch.zeros(len(batch), T, dtype=torch.long)  # (B, T)
+            labels = torch.full((len(batch), T), -100)  # (B, T)
+            for b, (ids, mask) in enumerate(batch):
+                input_ids[b, :len(ids)] = torch.tensor(ids)
+                attention[b, :len(ids)] = 1
+                labels[b, :len(ids)] = torch.where(torch.tensor(mask) == 1, torch.tensor(ids), -100)
+            loss = model(input_ids=input_ids, attention_mask=attention, labels=labels).loss
+            opt.zero_grad(set_to_none=True)
+            loss.backward()
+            torch.nn.utils.clip_grad_norm_(model.parameters(), 1.0)
+            opt.step()
+            sched.step()
+            losses.append(loss.item())
+        log(f"tiny warm-start: epoch {epoch + 1}/{recipe.epochs} loss {sum(losses[-steps_per_epoch:]) / steps_per_epoch:.3f}")
+    model.eval()
+    return losses
+
+
+def load_tiny(world, world_args: dict | None = None, recipe: TinyRecipe = TinyRecipe(), log=print):
+    """(model, tokenizer) for the built-in tiny agent; built on first use, then loaded from the cache."""
+    world_args = world_args or {}
+    path = cache_dir() / f"tiny-{recipe_key(recipe, world_args)}"
+    if not (path / "config.json").exists():
+        log(f"building the tiny model (once; cached at {path}) ...")
+        torch.manual_seed(recipe.seed)
+        tokenizer = build_tokenizer(world, recipe)
+        model = build_model(tokenizer, recipe)
+        supervised_pass(model, warm_start_data(world, tokenizer, recipe), recipe, log=log)
+        path.parent.mkdir(parents=True, exist_ok=True)
+        tmp = Path(tempfile.mkdtemp(dir=path.parent, prefix=".tmp-"))
+        model.save_pretrained(tmp)
+        tokenizer.save_pretrained(tmp)
+        try:
+            os.replace(tmp, path)  # atomic: a killed build never leaves a half-written cache entry
+        except OSError:  # another process finished first
+            shutil.rmtree(tmp, ignore_errors=True)
+    tokenizer = AutoTokenizer.from_pretrained(path)
+    model = AutoModelForCausalLM.from_pretrained(path, dtype=torch.float32)
+    return model.eval(), tokenizer
