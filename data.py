@@ -1,7 +1,23 @@
-"""QA records and loaders. (skeleton: being filled in, see issue 2)"""
+"""QA records, loaders for FlashRAG / Search-R1 files and hub datasets, and the built-in synthetic world.
+
+    examples = load_qa("../shared/data/qa/nq_test_1k.jsonl")      # FlashRAG jsonl: {"id","question","golden_answers"}
+    examples = load_qa("nq_hotpotqa_train.parquet", split="train")  # Search-R1 parquet / jsonl
+    examples = load_qa("RUC-NLP/FlashRAG_datasets/nq")              # hub name (needs `datasets` and a network)
+    world = make_world(seed=0)                                      # fictional encyclopedia + questions
+    write_world(world, "synthetic/")                                # corpus.jsonl, train.jsonl, test.jsonl
+
+The synthetic world is the embedded default for demos, tests and the tiny model (tiny.py): invented people,
+places and organisations, one short passage per entity in Search-R1 corpus format, and single-hop and two-hop
+(bridge) questions whose answers are only in the passages, so an agent has to search to answer them.
+"""
 from __future__ import annotations
 
+import json
+import os
+import random
+import re
 from dataclasses import dataclass, field
+from pathlib import Path
 
 
 @dataclass
@@ -10,3 +26,359 @@ class Example:
     question: str
     golden_answers: list[str]
     source: str = ""
+
+    @property
+    def uid(self) -> str:
+        """Id unique across datasets (`source/id`): ids such as "test_0" repeat between benchmark files."""
+        return f"{self.source}/{self.id}"
+
+
+class DataError(ValueError):
+    """A malformed or unreadable QA file; the message names the file, the line (or row) and the field."""
+
+
+# ---------------------------------------------------------------- loaders
+
+
+def load_qa(path_or_name: str | os.PathLike, *, split: str = "test", limit: int | None = None) -> list[Example]:
+    """Questions from a FlashRAG jsonl, a Search-R1 jsonl/parquet, a folder holding `{split}.jsonl`, or a hub name.
+
+    FlashRAG rows: {"id", "question", "golden_answers": [str]}. Search-R1 rows add "data_source", "prompt"
+    (chat messages whose user turn ends "Question: ...") and "reward_model": {"ground_truth": {"target": [...]}};
+    the target is what Search-R1's reward reads, so it wins over "golden_answers" when both are present, and the
+    question is taken from "question" or else from the prompt. `source` is data_source, or else the file stem.
+    A name that is not a local path ("RUC-NLP/FlashRAG_datasets/nq", "PeterJinGo/nq_hotpotqa_train") is loaded
+    with the `datasets` client; `split` only matters for folders and hub names.
+    """
+    path = Path(path_or_name).expanduser()
+    name = str(path_or_name)
+    if path.is_dir():
+        found = [path / f"{split}{ext}" for ext in (".jsonl", ".parquet", ".json")]
+        found = [p for p in found if p.exists()]
+        if not found:
+            raise FileNotFoundError(f"{path}: no {split}.jsonl, {split}.parquet or {split}.json in this folder")
+        path = found[0]
+    elif not path.exists():
+        if _looks_like_path(name):
+            raise FileNotFoundError(f"{name}: no such file")
+        return _load_hub(name, split, limit)
+    if path.suffix == ".parquet":
+        rows = _read_parquet(path, limit)
+        where = "row"
+    elif path.suffix == ".json":
+        rows = _read_json_list(path, limit)
+        where = "item"
+    else:
+        rows = _read_jsonl(path, limit)
+        where = "line"
+    return [_to_example(row, f"{path}:{where} {n}", path.stem, i) for i, (n, row) in enumerate(rows)]
+
+
+def _looks_like_path(name: str) -> bool:
+    return (name.startswith((".", "/", "~")) or "\\" in name
+            or name.endswith((".jsonl", ".json", ".parquet")) or name.count("/") > 2)
+
+
+def _read_jsonl(path: Path, limit: int | None) -> list[tuple[int, object]]:
+    rows = []
+    with open(path, encoding="utf-8") as f:
+        for n, line in enumerate(f, start=1):
+            if limit is not None and len(rows) >= limit:
+                break
+            if not line.strip():
+                continue
+            try:
+                rows.append((n, json.loads(line)))
+            except json.JSONDecodeError as e:
+                raise DataError(f"{path}:line {n}: bad JSON ({e.msg} at column {e.colno})") from None
+    return rows
+
+
+def _read_json_list(path: Path, limit: int | None) -> list[tuple[int, object]]:
+    try:
+        with open(path, encoding="utf-8") as f:
+            items = json.load(f)
+    except json.JSONDecodeError as e:
+        raise DataError(f"{path}:line {e.lineno}: bad JSON ({e.msg} at column {e.colno})") from None
+    if not isinstance(items, list):
+        raise DataError(f"{path}: a .json QA file must hold a list of rows, got {type(items).__name__}")
+    return list(enumerate(items[:limit] if limit is not None else items))
+
+
+def _read_parquet(path: Path, limit: int | None) -> list[tuple[int, object]]:
+    try:
+        import pyarrow.parquet as pq
+    except ImportError:
+        raise DataError(f"{path}: reading parquet needs pyarrow (pip install pyarrow), or convert it to jsonl") from None
+    table = pq.read_table(path)
+    if limit is not None:
+        table = table.slice(0, limit)
+    return list(enumerate(table.to_pylist()))
+
+
+def _question_from_prompt(prompt) -> str | None:
+    """The question of a Search-R1 prompt: the text after the last "Question:" of the last user message."""
+    if isinstance(prompt, list):  # chat messages
+        users = [m.get("content") for m in prompt if isinstance(m, dict) and m.get("role", "user") == "user"]
+        prompt = users[-1] if users else None
+    if not isinstance(prompt, str):
+        return None
+    head, sep, tail = prompt.rpartition("Question:")
+    return (tail if sep else prompt).strip() or None
+
+
+def _to_example(row, where: str, stem: str, index: int) -> Example:
+    if not isinstance(row, dict):
+        raise DataError(f"{where}: a row must be a JSON object, got {type(row).__name__}")
+    question = row.get("question")
+    if question is None and "prompt" in row:
+        question = _question_from_prompt(row["prompt"])
+        if question is None:
+            raise DataError(f"{where}: field 'prompt' holds no user message with a question")
+    if question is None:
+        raise DataError(f"{where}: missing field 'question' (or a Search-R1 'prompt')")
+    if not isinstance(question, str) or not question.strip():
+        raise DataError(f"{where}: field 'question' must be a non-empty string, got {question!r:.80}")
+    if "reward_model" in row:
+        field_name = "reward_model.ground_truth.target"
+        try:
+            answers = row["reward_model"]["ground_truth"]["target"]
+        except (KeyError, TypeError):
+            raise DataError(f"{where}: missing field '{field_name}'") from None
+        if isinstance(answers, str):  # some Search-R1-style sets store one answer as a plain string
+            answers = [answers]
+    elif "golden_answers" in row:
+        field_name, answers = "golden_answers", row["golden_answers"]
+    else:
+        raise DataError(f"{where}: missing field 'golden_answers' (or Search-R1 'reward_model.ground_truth.target')")
+    if not isinstance(answers, list) or not answers or not all(isinstance(a, str) for a in answers):
+        raise DataError(f"{where}: field '{field_name}' must be a non-empty list of strings, got {answers!r:.80}")
+    ident = row.get("id")
+    if ident is None:
+        extra = row.get("extra_info")
+        ident = extra.get("index") if isinstance(extra, dict) else None
+    ident = str(index) if ident is None else str(ident)
+    source = row.get("data_source") or stem
+    return Example(id=ident, question=question.strip(), golden_answers=list(answers), source=str(source))
+
+
+def _load_hub(name: str, split: str, limit: int | None) -> list[Example]:
+    """"owner/repo" or "owner/repo/config" through the `datasets` client (online only)."""
+    if os.environ.get("HF_HUB_OFFLINE", "0") not in ("", "0") or os.environ.get("HF_DATASETS_OFFLINE", "0") not in ("", "0"):
+        raise DataError(f"{name}: not a local file, and hub datasets cannot be loaded offline (HF_HUB_OFFLINE is set); "
+                        f"pass a local FlashRAG/Search-R1 .jsonl or .parquet file")
+    try:
+        import datasets
+    except ImportError:
+        raise DataError(f"{name}: not a local file, and loading it from the hub needs the `datasets` package "
+                        f"(pip install datasets); or pass a local FlashRAG/Search-R1 .jsonl or .parquet file") from None
+    parts = name.split("/")
+    if len(parts) not in (2, 3):
+        raise DataError(f"{name}: not a local file, nor a hub name of the form owner/repo or owner/repo/config")
+    repo, config = "/".join(parts[:2]), (parts[2] if len(parts) == 3 else None)
+    try:
+        ds = datasets.load_dataset(repo, config, split=split if limit is None else f"{split}[:{limit}]")
+    except Exception as e:  # noqa: BLE001 - the client's errors are many and long; one clear line instead
+        first = str(e).strip().splitlines()[0] if str(e).strip() else type(e).__name__
+        raise DataError(f"{name}: hub dataset could not be loaded (split {split!r}): {first}") from e
+    stem = config or parts[1]
+    return [_to_example(row, f"{name}:row {i}", stem, i) for i, row in enumerate(ds)]
+
+
+# ---------------------------------------------------------------- the synthetic world
+
+# Names are built from syllables, so they mean nothing to any model. Each kind of name has its own ending set
+# and every name word is used by one kind only, so a search for a place never hits a person's surname.
+_ONSETS = ["b", "d", "f", "g", "k", "l", "m", "n", "p", "r", "s", "t", "v", "z", "br", "dr", "gr", "kr", "tr",
+           "th", "sh", "qu", "vr", "zh"]
+_VOWELS = ["a", "e", "i", "o", "u"]
+_CODAS = ["", "", "", "n", "r", "l", "s", "k", "m", "x"]
+_ENDINGS = {
+    "given": ["ak", "ek", "in", "or", "ul", "as", "en", "ix"],
+    "family": ["oni", "ari", "eli", "ova", "ani", "uri", "essa", "ondo"],
+    "place": ["mar", "dor", "vel", "grad", "holm", "thal", "wick", "stad"],
+    "country": ["ia", "onia", "aria", "istan", "ovia"],
+    "org": ["tech", "corp", "vox", "lux", "dyne", "gen", "tronix", "soft"],
+    "orgword": ["o", "a", "i"],
+}
+# Common English words a generated name must never equal (also the words of the templates below).
+_ENGLISH = set("""
+a about after all also an and any are as at be been born but by can city company country did do does each
+employer for founded founder from had has have he her his how in into is it its more most not of on one or
+other out over she so some than that the their them then there these they this to up was were what when where
+which who whom whose why will with work works would year you born home headquartered headquarters
+banana potato tomato domino volcano piano radio studio patio casino mango tango cargo hero zero memo
+salami safari origami karate sonata tuna sofa soda coma drama lava mama papa saga tiara vista zebra
+lemon melon pilot radar robin nomad token saber tiger timber baker maker sober modern solar lunar polar
+sinus virus bonus minus focus tonic panic manic comic sonic topic logic magic music basic toxic
+""".split())
+
+
+def _make_word(rng: random.Random, kind: str) -> str:
+    syllables = 1 if rng.random() < 0.75 else 2  # short names: fewer tokens for a tiny model to copy
+    stem = "".join(rng.choice(_ONSETS) + rng.choice(_VOWELS) + rng.choice(_CODAS) for _ in range(syllables))
+    ending = rng.choice(_ENDINGS[kind])
+    if stem[-1] in "aeiou" and ending[0] in "aeiou":
+        stem += rng.choice("lnrv")  # no vowel clashes: "Tel" + "oni", "Tela" + "r" + "oni"
+    elif stem[-1] not in "aeiou" and ending[0] not in "aeiou":
+        stem += rng.choice(_VOWELS)
+    word = stem + ending
+    return word[0].upper() + word[1:]
+
+
+def _words(rng: random.Random, kind: str, n: int, used: set[str]) -> list[str]:
+    """n new capitalised words of one kind, unique across every kind (`used`), never an English word."""
+    out = []
+    while len(out) < n:
+        w = _make_word(rng, kind)
+        if w.lower() in used or w.lower() in _ENGLISH or len(w) < 4:
+            continue
+        used.add(w.lower())
+        out.append(w)
+    return out
+
+
+def _names(rng: random.Random, first: list[str], second: list[str], n: int) -> list[str]:
+    """n distinct two-word names drawn from first x second."""
+    if n > len(first) * len(second):
+        raise ValueError(f"cannot make {n} names from {len(first)} x {len(second)} words")
+    seen, out = set(), []
+    while len(out) < n:
+        name = f"{rng.choice(first)} {rng.choice(second)}"
+        if name not in seen:
+            seen.add(name)
+            out.append(name)
+    return out
+
+
+PROFESSIONS = ["painter", "sailor", "farmer", "teacher", "doctor", "poet", "baker", "judge", "miner", "weaver"]
+
+# Question templates: (kind, relation path, question). The plan searches each entity on the path in turn.
+SINGLE_HOP = {
+    ("person", "born_in"): "Where was {} born?",
+    ("person", "birth_year"): "In which year was {} born?",
+    ("person", "works_for"): "Which company does {} work for?",
+    ("place", "country"): "In which country is {}?",
+    ("place", "founded"): "In which year was {} founded?",
+    ("org", "headquartered_in"): "Where is {} headquartered?",
+    ("org", "founded_by"): "Who founded {}?",
+    ("org", "founded"): "In which year was {} founded?",
+}
+TWO_HOP = {  # (kind, first relation, second relation)
+    ("org", "founded_by", "born_in"): "Where was the founder of {} born?",
+    ("org", "founded_by", "birth_year"): "In which year was the founder of {} born?",
+    ("org", "headquartered_in", "country"): "In which country is {} headquartered?",
+    ("person", "works_for", "founded"): "In which year was the employer of {} founded?",
+    ("person", "works_for", "headquartered_in"): "Where is the employer of {} headquartered?",
+    ("person", "works_for", "founded_by"): "Who founded the employer of {}?",
+    ("person", "born_in", "country"): "In which country was {} born?",
+    ("person", "born_in", "founded"): "In which year was the birthplace of {} founded?",
+}
+
+
+@dataclass
+class World:
+    corpus: list[dict]  # Search-R1 corpus rows {"id", "contents": "\"Name\"\nsentences"}
+    train: list[Example]
+    test: list[Example]
+    plans: dict[str, list[tuple[str, str]]]  # example id -> [(ideal query = entity name, its answer), ...]
+    facts: dict[str, dict[str, str]] = field(default_factory=dict)  # entity name -> {relation: value, "kind": ...}
+
+
+def make_world(seed: int = 0, *, num_people: int = 200, num_places: int = 50, num_orgs: int = 70,
+               num_countries: int = 8, num_train: int = 800, num_test: int = 200, two_hop_fraction: float = 0.3,
+               scale: float = 1.0) -> World:
+    """A deterministic fictional encyclopedia: one passage per entity, and single-/two-hop questions on it.
+
+    `scale` multiplies the entity counts (scale=300 gives ~96k passages); question counts stay as given.
+    Every person is born in a place in a year, and either works for an organisation or has a profession;
+    every place lies in a country (countries are answers only, they have no passage) and was founded in a year;
+    every organisation is headquartered in a place and was founded by a person (who works for it) in a year.
+    """
+    rng = random.Random(seed)
+    num_people, num_places, num_orgs = (max(1, round(n * scale)) for n in (num_people, num_places, num_orgs))
+    used: set[str] = set()
+    side = max(8, int(2 * num_people ** 0.5))
+    people = _names(rng, _words(rng, "given", side, used), _words(rng, "family", side, used), num_people)
+    places = _words(rng, "place", num_places, used)
+    countries = _words(rng, "country", num_countries, used)
+    side = max(8, int(2 * num_orgs ** 0.5))
+    orgs = _names(rng, _words(rng, "orgword", side, used), _words(rng, "org", side, used), num_orgs)
+
+    facts: dict[str, dict[str, str]] = {}
+    for p in places:
+        facts[p] = {"kind": "place", "country": rng.choice(countries), "founded": str(rng.randint(1000, 1800))}
+    for p in people:
+        facts[p] = {"kind": "person", "born_in": rng.choice(places), "birth_year": str(rng.randint(1800, 1970))}
+    founders = rng.sample(people, min(num_orgs, num_people))
+    for i, o in enumerate(orgs):
+        founder = founders[i % len(founders)]
+        year = int(facts[founder]["birth_year"]) + rng.randint(20, 50)
+        facts[o] = {"kind": "org", "headquartered_in": rng.choice(places), "founded_by": founder, "founded": str(year)}
+        facts[founder].setdefault("works_for", o)
+    for p in people:
+        if "works_for" not in facts[p]:
+            if rng.random() < 0.75:
+                facts[p]["works_for"] = rng.choice(orgs)
+            else:
+                facts[p]["profession"] = rng.choice(PROFESSIONS)
+
+    # One passage per entity: short, regular sentences, each restating the name (the title line, as in wiki-18).
+    rows = []
+    for name, f in facts.items():
+        if f["kind"] == "person":
+            s = [f"{name} was born in {f['born_in']} in {f['birth_year']}."]
+            if "works_for" in f:
+                s.append(f"{name} works for {f['works_for']}.")
+            else:
+                s.append(f"{name} works as a {f['profession']}.")
+        elif f["kind"] == "place":
+            s = [f"{name} is a city in {f['country']}.", f"{name} was founded in {f['founded']}."]
+        else:
+            s = [f"{name} is a company headquartered in {f['headquartered_in']}.",
+                 f"{name} was founded by {f['founded_by']} in {f['founded']}."]
+        rows.append('"' + name + '"\n' + " ".join(s))
+    rng.shuffle(rows)
+    corpus = [{"id": str(i), "contents": c} for i, c in enumerate(rows)]
+
+    # Questions: every (entity, template) that applies, then a seeded draw of single- and two-hop ones.
+    single, double = [], []
+    for name, f in facts.items():
+        for (kind, rel), template in SINGLE_HOP.items():
+            if f["kind"] == kind and rel in f:
+                single.append((template.format(name), [(name, f[rel])]))
+        for (kind, r1, r2), template in TWO_HOP.items():
+            if f["kind"] == kind and r1 in f and r2 in facts[f[r1]]:
+                mid = f[r1]
+                double.append((template.format(name), [(name, mid), (mid, facts[mid][r2])]))
+    total = num_train + num_test
+    n_two = min(len(double), round(total * two_hop_fraction))
+    n_one = total - n_two
+    if n_one > len(single):
+        raise ValueError(f"the world has {len(single)} single-hop questions, {n_one} requested: raise the entity counts")
+    drawn = rng.sample(single, n_one) + rng.sample(double, n_two)
+    rng.shuffle(drawn)
+    train, test, plans = [], [], {}
+    for i, (question, plan) in enumerate(drawn):
+        split, j = ("train", i) if i < num_train else ("test", i - num_train)
+        ex = Example(id=f"{split}_{j}", question=question, golden_answers=[plan[-1][1]], source="synthetic")
+        (train if split == "train" else test).append(ex)
+        plans[ex.id] = plan
+    return World(corpus=corpus, train=train, test=test, plans=plans, facts=facts)
+
+
+def write_world(world: World, out_dir: str | os.PathLike) -> dict[str, Path]:
+    """corpus.jsonl (Search-R1 corpus) and train/test.jsonl (FlashRAG rows plus a "plan" field)."""
+    out = Path(out_dir)
+    out.mkdir(parents=True, exist_ok=True)
+    paths = {"corpus": out / "corpus.jsonl", "train": out / "train.jsonl", "test": out / "test.jsonl"}
+    with open(paths["corpus"], "w", encoding="utf-8", newline="\n") as f:
+        for row in world.corpus:
+            f.write(json.dumps(row, ensure_ascii=False) + "\n")
+    for split in ("train", "test"):
+        with open(paths[split], "w", encoding="utf-8", newline="\n") as f:
+            for ex in getattr(world, split):
+                row = {"id": ex.id, "question": ex.question, "golden_answers": ex.golden_answers,
+                       "plan": [list(step) for step in world.plans[ex.id]]}
+                f.write(json.dumps(row, ensure_ascii=False) + "\n")
+    return paths
