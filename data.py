@@ -194,12 +194,12 @@ _ONSETS = ["b", "d", "f", "g", "k", "l", "m", "n", "p", "r", "s", "t", "v", "z",
 _VOWELS = ["a", "e", "i", "o", "u"]
 _CODAS = ["", "", "", "n", "r", "l", "s", "k", "m", "x"]
 _ENDINGS = {
-    "given": ["ak", "ek", "in", "or", "ul", "as", "en", "ix"],
+    "given": ["ak", "ek", "ix", "uk", "az", "oz", "yn", "eth"],
     "family": ["oni", "ari", "eli", "ova", "ani", "uri", "essa", "ondo"],
-    "place": ["mar", "dor", "vel", "grad", "holm", "thal", "wick", "stad"],
+    "place": ["grad", "holm", "thal", "wick", "stad", "vek", "mund", "oth"],
     "country": ["ia", "onia", "aria", "istan", "ovia"],
     "org": ["tech", "corp", "vox", "lux", "dyne", "gen", "tronix", "soft"],
-    "orgword": ["o", "a", "i"],
+    "orgword": ["ex", "ox", "ux"],
 }
 # Common English words a generated name must never equal (also the words of the templates below).
 _ENGLISH = set("""
@@ -209,7 +209,7 @@ other out over she so some than that the their them then there these they this t
 which who whom whose why will with work works would year you born home headquartered headquarters
 banana potato tomato domino volcano piano radio studio patio casino mango tango cargo hero zero memo
 salami safari origami karate sonata tuna sofa soda coma drama lava mama papa saga tiara vista zebra
-lemon melon pilot radar robin nomad token saber tiger timber baker maker sober modern solar lunar polar
+linux lethal telex forex lemon melon pilot radar robin nomad token saber tiger timber baker maker sober modern solar lunar polar
 sinus virus bonus minus focus tonic panic manic comic sonic topic logic magic music basic toxic
 """.split())
 
