@@ -348,8 +348,8 @@ def make_world(seed: int = 0, *, num_people: int = 200, num_places: int = 50, nu
             if f["kind"] == kind and rel in f:
                 single.append((template.format(name), [(name, f[rel])]))
         for (kind, r1, r2), template in TWO_HOP.items():
-            if f["kind"] == kind and r1 in f and r2 in facts[f[r1]]:
-                mid = f[r1]
+            if f["kind"] == kind and r1 in f and r2 in facts[f[r1]] and facts[f[r1]][r2] != name:
+                mid = f[r1]  # (a founder working for their own company would answer "who founded the employer of")
                 double.append((template.format(name), [(name, mid), (mid, facts[mid][r2])]))
     total = num_train + num_test
     n_two = min(len(double), round(total * two_hop_fraction))
@@ -368,7 +368,7 @@ def make_world(seed: int = 0, *, num_people: int = 200, num_places: int = 50, nu
 
 
 def write_world(world: World, out_dir: str | os.PathLike) -> dict[str, Path]:
-    """corpus.jsonl (Search-R1 corpus) and train/test.jsonl (FlashRAG rows plus a "plan" field)."""
+    """corpus.jsonl (Search-R1 corpus) and train/test.jsonl (FlashRAG rows plus "data_source" and "plan")."""
     out = Path(out_dir)
     out.mkdir(parents=True, exist_ok=True)
     paths = {"corpus": out / "corpus.jsonl", "train": out / "train.jsonl", "test": out / "test.jsonl"}
@@ -379,6 +379,6 @@ def write_world(world: World, out_dir: str | os.PathLike) -> dict[str, Path]:
         with open(paths[split], "w", encoding="utf-8", newline="\n") as f:
             for ex in getattr(world, split):
                 row = {"id": ex.id, "question": ex.question, "golden_answers": ex.golden_answers,
-                       "plan": [list(step) for step in world.plans[ex.id]]}
+                       "data_source": ex.source, "plan": [list(step) for step in world.plans[ex.id]]}
                 f.write(json.dumps(row, ensure_ascii=False) + "\n")
     return paths
