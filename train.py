@@ -100,6 +100,7 @@ class TrainConfig:
     seed: int = 0
     save_every: int = 10  # GRPO steps between checkpoints (and after every phase)
     resume: str | None = None  # a run folder to continue
+    save_rollouts: bool = False  # write every GRPO step's episodes to RUN/rollouts/ (token ids, masks, rewards)
 
 
 # Where the built-in tiny model needs otherwise. Applied only to flags not given on the command line.
@@ -291,6 +292,14 @@ def find_checkpoint(run_dir: Path) -> Path | None:
     return None
 
 
+def save_rollouts(path: Path, episodes) -> None:
+    path.parent.mkdir(parents=True, exist_ok=True)
+    with open(path, "w") as f:
+        for e in episodes:
+            row = {k: v for k, v in vars(e).items() if k != "example"}
+            f.write(json.dumps({"example": asdict(e.example), **row}) + "\n")
+
+
 class MetricsLog:
     """metrics.jsonl, one line per step; on resume, lines written after the checkpoint are dropped."""
 
@@ -368,6 +377,8 @@ def main(argv=None) -> dict:
                 raise SystemExit(f"error: {run_dir} already holds a run (use --resume {run_dir} or another --run-name)")
             run_dir.mkdir(parents=True, exist_ok=True)
             (run_dir / "config.json").write_text(json.dumps(asdict(cfg), indent=2))
+    if world_size > 1:
+        dist.barrier()  # the run folder exists before any rank writes into it
     next_unit, keep_lines, results = 0, 0, {}
     ckpt = find_checkpoint(run_dir) if cfg.resume else None
     if ckpt is not None:
@@ -417,6 +428,8 @@ def main(argv=None) -> dict:
             with torch.no_grad():
                 episodes = rollout(policy.eval(), tokenizer, shard(questions, rank, world_size), retriever,
                                    rollout_config(cfg, seed=seed))
+            if cfg.save_rollouts:
+                save_rollouts(run_dir / "rollouts" / f"unit{index:05d}-rank{rank}.jsonl", episodes)
             # 2-5. reward is set by the rollout (exact match); advantages, old/ref log-probs and the update
             policy.train()
             metrics = all_mean(episode_metrics(episodes), world_size)
