@@ -15,7 +15,6 @@ from __future__ import annotations
 import json
 import os
 import random
-import re
 from dataclasses import dataclass, field
 from pathlib import Path
 
@@ -206,10 +205,11 @@ _ENGLISH = set("""
 a about after all also an and any are as at be been born but by can city company country did do does each
 employer for founded founder from had has have he her his how in into is it its more most not of on one or
 other out over she so some than that the their them then there these they this to up was were what when where
-which who whom whose why will with work works would year you born home headquartered headquarters
+which who whom whose why will with work works would year you home headquartered headquarters
 banana potato tomato domino volcano piano radio studio patio casino mango tango cargo hero zero memo
 salami safari origami karate sonata tuna sofa soda coma drama lava mama papa saga tiara vista zebra
-linux lethal telex forex lemon melon pilot radar robin nomad token saber tiger timber baker maker sober modern solar lunar polar
+linux lethal telex forex lemon melon pilot radar robin nomad token saber tiger timber baker maker sober
+modern solar lunar polar
 sinus virus bonus minus focus tonic panic manic comic sonic topic logic magic music basic toxic
 """.split())
 
@@ -276,6 +276,27 @@ TWO_HOP = {  # (kind, first relation, second relation)
 }
 
 
+def _draw(rng: random.Random, pool, k: int) -> list[tuple]:
+    """k distinct (relations, template, entity) picks from [(relations, template, entities), ...]."""
+    out = []
+    for i in rng.sample(range(sum(len(names) for *_, names in pool)), k):  # range: nothing materialised
+        for rels, template, names in pool:
+            if i < len(names):
+                out.append((rels, template, names[i]))
+                break
+            i -= len(names)
+    return out
+
+
+def _plan(facts: dict, name: str, relations: tuple[str, ...]) -> list[tuple[str, str]]:
+    """Follow relations from an entity: [(entity searched, value read in its passage), ...]."""
+    plan = []
+    for rel in relations:
+        plan.append((name, facts[name][rel]))
+        name = facts[name][rel]
+    return plan
+
+
 @dataclass
 class World:
     corpus: list[dict]  # Search-R1 corpus rows {"id", "contents": "\"Name\"\nsentences"}
@@ -290,7 +311,7 @@ def make_world(seed: int = 0, *, num_people: int = 200, num_places: int = 50, nu
                scale: float = 1.0) -> World:
     """A deterministic fictional encyclopedia: one passage per entity, and single-/two-hop questions on it.
 
-    `scale` multiplies the entity counts (scale=300 gives ~96k passages); question counts stay as given.
+    `scale` multiplies the entity counts (scale=320: 102,400 passages); question counts stay as given.
     Every person is born in a place in a year, and either works for an organisation or has a profession;
     every place lies in a country (countries are answers only, they have no passage) and was founded in a year;
     every organisation is headquartered in a place and was founded by a person (who works for it) in a year.
@@ -341,23 +362,22 @@ def make_world(seed: int = 0, *, num_people: int = 200, num_places: int = 50, nu
     rng.shuffle(rows)
     corpus = [{"id": str(i), "contents": c} for i, c in enumerate(rows)]
 
-    # Questions: every (entity, template) that applies, then a seeded draw of single- and two-hop ones.
-    single, double = [], []
-    for name, f in facts.items():
-        for (kind, rel), template in SINGLE_HOP.items():
-            if f["kind"] == kind and rel in f:
-                single.append((template.format(name), [(name, f[rel])]))
-        for (kind, r1, r2), template in TWO_HOP.items():
-            if f["kind"] == kind and r1 in f and r2 in facts[f[r1]] and facts[f[r1]][r2] != name:
-                mid = f[r1]  # (a founder working for their own company would answer "who founded the employer of")
-                double.append((template.format(name), [(name, mid), (mid, facts[mid][r2])]))
+    # Questions: a seeded draw, without replacement, from every (template, entity) pair that applies.
+    # (A founder who works for their own company would answer "who founded the employer of X": X; skipped.)
+    single = [((rel,), template, [n for n, f in facts.items() if f["kind"] == kind and rel in f])
+              for (kind, rel), template in SINGLE_HOP.items()]
+    double = [((r1, r2), template, [n for n, f in facts.items() if f["kind"] == kind and r1 in f
+                                    and r2 in facts[f[r1]] and facts[f[r1]][r2] != n])
+              for (kind, r1, r2), template in TWO_HOP.items()]
     total = num_train + num_test
-    n_two = min(len(double), round(total * two_hop_fraction))
+    n_two = min(sum(len(names) for *_, names in double), round(total * two_hop_fraction))
     n_one = total - n_two
-    if n_one > len(single):
-        raise ValueError(f"the world has {len(single)} single-hop questions, {n_one} requested: raise the entity counts")
-    drawn = rng.sample(single, n_one) + rng.sample(double, n_two)
+    num_single = sum(len(names) for *_, names in single)
+    if n_one > num_single:
+        raise ValueError(f"the world has {num_single} single-hop questions, {n_one} requested: raise the entity counts")
+    drawn = _draw(rng, single, n_one) + _draw(rng, double, n_two)
     rng.shuffle(drawn)
+    drawn = [(template.format(name), _plan(facts, name, rels)) for rels, template, name in drawn]
     train, test, plans = [], [], {}
     for i, (question, plan) in enumerate(drawn):
         split, j = ("train", i) if i < num_train else ("test", i - num_train)
