@@ -2,7 +2,7 @@
 
     examples = load_qa("../shared/data/qa/nq_test_1k.jsonl")      # FlashRAG jsonl: {"id","question","golden_answers"}
     examples = load_qa("nq_hotpotqa_train.parquet", split="train")  # Search-R1 parquet / jsonl
-    examples = load_qa("RUC-NLP/FlashRAG_datasets/nq")              # hub name (needs `datasets` and a network)
+    examples = load_qa("RUC-NLPIR/FlashRAG_datasets/nq")              # hub name (needs `datasets` and a network)
     world = make_world(seed=0)                                      # fictional encyclopedia + questions
     write_world(world, "synthetic/")                                # corpus.jsonl, train.jsonl, test.jsonl
 
@@ -46,7 +46,7 @@ def load_qa(path_or_name: str | os.PathLike, *, split: str = "test", limit: int 
     (chat messages whose user turn ends "Question: ...") and "reward_model": {"ground_truth": {"target": [...]}};
     the target is what Search-R1's reward reads, so it wins over "golden_answers" when both are present, and the
     question is taken from "question" or else from the prompt. `source` is data_source, or else the file stem.
-    A name that is not a local path ("RUC-NLP/FlashRAG_datasets/nq", "PeterJinGo/nq_hotpotqa_train") is loaded
+    A name that is not a local path ("RUC-NLPIR/FlashRAG_datasets/nq", "PeterJinGo/nq_hotpotqa_train") is loaded
     with the `datasets` client; `split` only matters for folders and hub names.
     """
     path = Path(path_or_name).expanduser()
@@ -108,7 +108,7 @@ def _read_parquet(path: Path, limit: int | None) -> list[tuple[int, object]]:
     try:
         import pyarrow.parquet as pq
     except ImportError:
-        raise DataError(f"{path}: reading parquet needs pyarrow (pip install pyarrow), or convert it to jsonl") from None
+        raise DataError(f"{path}: reading parquet needs pyarrow (pip install pyarrow); or convert it to jsonl") from None
     table = pq.read_table(path)
     if limit is not None:
         table = table.slice(0, limit)
@@ -163,7 +163,7 @@ def _to_example(row, where: str, stem: str, index: int) -> Example:
 
 def _load_hub(name: str, split: str, limit: int | None) -> list[Example]:
     """"owner/repo" or "owner/repo/config" through the `datasets` client (online only)."""
-    if os.environ.get("HF_HUB_OFFLINE", "0") not in ("", "0") or os.environ.get("HF_DATASETS_OFFLINE", "0") not in ("", "0"):
+    if any(os.environ.get(v, "0") not in ("", "0") for v in ("HF_HUB_OFFLINE", "HF_DATASETS_OFFLINE")):
         raise DataError(f"{name}: not a local file, and hub datasets cannot be loaded offline (HF_HUB_OFFLINE is set); "
                         f"pass a local FlashRAG/Search-R1 .jsonl or .parquet file")
     try:

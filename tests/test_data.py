@@ -97,7 +97,7 @@ def test_parquet_without_pyarrow_says_so(tmp_path, monkeypatch):
     ('{"id": "2", "golden_answers": ["a"]}', r"line 2: missing field 'question'"),
     ('{"id": "2", "question": "", "golden_answers": ["a"]}', r"line 2: field 'question' must be a non-empty"),
     ('{"id": "2", "question": "q?"}', r"line 2: missing field 'golden_answers'"),
-    ('{"id": "2", "question": "q?", "golden_answers": "a"}', r"line 2: field 'golden_answers' must be a non-empty list"),
+    ('{"id": "2", "question": "q?", "golden_answers": "a"}', r"line 2: field 'golden_answers' must be a non-empty"),
     ('{"id": "2", "question": "q?", "golden_answers": ["a", 3]}', r"line 2: field 'golden_answers' must be"),
     ('{"id": "2", "question": "q?", "golden_answers": []}', r"line 2: field 'golden_answers' must be"),
     ('["q?", ["a"]]', r"line 2: a row must be a JSON object"),
@@ -138,10 +138,10 @@ def test_missing_file_and_folder(tmp_path):
 def test_hub_name_offline_is_one_clear_line(monkeypatch):
     monkeypatch.setenv("HF_HUB_OFFLINE", "1")
     with pytest.raises(DataError) as err:
-        load_qa("RUC-NLP/FlashRAG_datasets/nq")
+        load_qa("RUC-NLPIR/FlashRAG_datasets/nq")
     message = str(err.value)
     assert "\n" not in message
-    assert message.startswith("RUC-NLP/FlashRAG_datasets/nq: ")
+    assert message.startswith("RUC-NLPIR/FlashRAG_datasets/nq: ")
     assert "offline" in message and "local" in message
 
 
