@@ -108,7 +108,7 @@ def _read_parquet(path: Path, limit: int | None) -> list[tuple[int, object]]:
     try:
         import pyarrow.parquet as pq
     except ImportError:
-        raise DataError(f"{path}: reading parquet needs pyarrow (pip install pyarrow); or convert it to jsonl") from None
+        raise DataError(f"{path}: reading parquet needs pyarrow (pip install pyarrow), or use jsonl") from None
     table = pq.read_table(path)
     if limit is not None:
         table = table.slice(0, limit)
