@@ -1,6 +1,8 @@
 """QA loaders (real files, Search-R1 jsonl/parquet, malformed rows, hub names) and the synthetic world."""
 import json
+import os
 import re
+import subprocess
 import sys
 from pathlib import Path
 
@@ -228,6 +230,16 @@ def test_world_files_byte_identical_for_a_seed(tmp_path):
     for key in a:
         assert a[key].read_bytes() == b[key].read_bytes()
         assert a[key].read_bytes() != c[key].read_bytes()
+
+
+def test_world_identical_across_processes():
+    # a set or a str hash leaking into the generator would change the files between runs
+    code = ("import hashlib, data; w = data.make_world(seed=5); "
+            "print(hashlib.sha256(repr((w.corpus, w.train, w.test, w.plans)).encode()).hexdigest())")
+    digests = {subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, timeout=60, cwd=ROOT,
+                              env={**os.environ, "PYTHONHASHSEED": seed}, check=True).stdout
+               for seed in ("1", "2")}
+    assert len(digests) == 1
 
 
 def test_written_world_loads_back(tmp_path, world):
