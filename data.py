@@ -80,14 +80,16 @@ def _looks_like_path(name: str) -> bool:
 
 def _read_jsonl(path: Path, limit: int | None) -> list[tuple[int, object]]:
     rows = []
-    with open(path, encoding="utf-8") as f:
-        for n, line in enumerate(f, start=1):
+    with open(path, "rb") as f:
+        for n, raw in enumerate(f, start=1):
             if limit is not None and len(rows) >= limit:
                 break
-            if not line.strip():
-                continue
             try:
-                rows.append((n, json.loads(line)))
+                line = raw.decode("utf-8")
+                if line.strip():
+                    rows.append((n, json.loads(line)))
+            except UnicodeDecodeError as e:
+                raise DataError(f"{path}:line {n}: not UTF-8 text ({e.reason} at byte {e.start})") from None
             except json.JSONDecodeError as e:
                 raise DataError(f"{path}:line {n}: bad JSON ({e.msg} at column {e.colno})") from None
     return rows
@@ -109,7 +111,10 @@ def _read_parquet(path: Path, limit: int | None) -> list[tuple[int, object]]:
         import pyarrow.parquet as pq
     except ImportError:
         raise DataError(f"{path}: reading parquet needs pyarrow (pip install pyarrow), or use jsonl") from None
-    table = pq.read_table(path)
+    try:
+        table = pq.read_table(path)
+    except Exception as e:  # noqa: BLE001 - pyarrow raises several types for a corrupt file
+        raise DataError(f"{path}: not a readable parquet file ({str(e).strip().splitlines()[0]})") from None
     if limit is not None:
         table = table.slice(0, limit)
     return list(enumerate(table.to_pylist()))

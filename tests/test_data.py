@@ -120,6 +120,13 @@ def test_blank_lines_are_skipped_and_counted(tmp_path):
         load_qa(path)
 
 
+def test_not_utf8_names_the_line(tmp_path):
+    path = tmp_path / "qa.jsonl"
+    path.write_bytes(b'{"id": "1", "question": "q?", "golden_answers": ["a"]}\n{"question": "caf\xe9"}\n')
+    with pytest.raises(DataError, match=re.escape(f"{path}:line 2: not UTF-8")):
+        load_qa(path)
+
+
 def test_malformed_parquet_row_names_the_row(tmp_path):
     pa = pytest.importorskip("pyarrow")
     pq = pytest.importorskip("pyarrow.parquet")
@@ -127,6 +134,9 @@ def test_malformed_parquet_row_names_the_row(tmp_path):
     pq.write_table(pa.Table.from_pylist([{"question": "q?", "golden_answers": ["a"]},
                                          {"question": None, "golden_answers": ["a"]}]), path)
     with pytest.raises(DataError, match=re.escape(f"{path}:row 1: missing field 'question'")):
+        load_qa(path)
+    path.write_bytes(b"PAR1 not really parquet")
+    with pytest.raises(DataError, match=re.escape(f"{path}: not a readable parquet file")):
         load_qa(path)
 
 
