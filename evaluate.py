@@ -1,6 +1,10 @@
-"""Answer extraction and scoring (exact match is the reward and the metric), and the command line.
+"""Answer extraction and scoring (exact match is the reward and the metric), the benchmark runner, run plots.
 
+    python evaluate.py --model runs/NAME/checkpoint --data-dir ../shared/data --benchmarks nq,bamboogle \
+        --corpus ../shared/data/corpus/wiki18_sample.jsonl --limit 100    # greedy episodes, the paper's table
+    python evaluate.py --model tiny --benchmarks synthetic                # the built-in testbed
     python evaluate.py score ../shared/data/searchr1_eval/*.jsonl    # rows with "final_response", "golden_answers"
+    python evaluate.py plot runs/NAME                                # RUN/curves.png: reward, EM, searches, KL
 
 Scoring, as Search-R1 and FlashRAG define it:
   answer     = the text of the last complete <answer>...</answer> in the model's *response*, stripped
@@ -160,6 +164,142 @@ def format_score_table(results: list[dict]) -> str:
     return "\n".join(lines)
 
 
+# ---------------------------------------------------------------- benchmark runner
+
+# The paper's seven benchmarks, in its table's order, with the column names it prints.
+BENCHMARKS = {"nq": "NQ", "triviaqa": "TriviaQA", "popqa": "PopQA", "hotpotqa": "HotpotQA",
+              "2wiki": "2wiki", "musique": "Musique", "bamboogle": "Bamboogle"}
+
+
+def find_benchmark_file(data_dir: Path, name: str) -> Path:
+    """FlashRAG's layout (DIR/nq/test.jsonl) or flat files (DIR/nq_test.jsonl, DIR/qa/nq_test_1k.jsonl, ...)."""
+    tried = []
+    for folder in (data_dir, data_dir / "qa"):
+        for pattern in (f"{name}/test.jsonl", f"{name}/dev.jsonl", f"{name}_test.jsonl", f"{name}_dev.jsonl",
+                        f"{name}_test_*.jsonl", f"{name}_dev_*.jsonl", f"{name}.jsonl"):
+            tried.append(str(folder / pattern))
+            hits = sorted(folder.glob(pattern))
+            if hits:
+                return hits[0]
+    raise SystemExit(f"error: no file for benchmark {name!r} under {data_dir} (tried {', '.join(tried[:4])}, ...)")
+
+
+def score_episodes(episodes) -> dict:
+    n = max(len(episodes), 1)
+    return {
+        "em": sum(e.reward for e in episodes) / n,
+        "f1": sum(f1(e.answer, e.example.golden_answers) for e in episodes) / n,
+        "searches": sum(e.num_searches for e in episodes) / n,
+        "n": len(episodes),
+    }
+
+
+def evaluate_sets(model, tokenizer, eval_sets: dict, retriever, cfg, *, rank=0, world_size=1,
+                  batch_size=64, predictions_dir=None, progress=False) -> dict:
+    """Greedy episodes on each eval set; {name: {"em", "f1", "searches", "n"}}. Ranks split the questions."""
+    import torch.distributed as dist
+    from tqdm.auto import tqdm
+
+    from rollout import rollout
+
+    results = {}
+    for name, examples in eval_sets.items():
+        mine = examples[rank::world_size]
+        episodes = []
+        for start in tqdm(range(0, len(mine), batch_size), desc=f"eval {name}", disable=not progress, leave=False):
+            episodes += rollout(model, tokenizer, mine[start:start + batch_size], retriever, cfg)
+        if world_size > 1:
+            gathered = [None] * world_size
+            dist.all_gather_object(gathered, episodes)
+            episodes = [e for part in gathered for e in part]
+        results[name] = score_episodes(episodes)
+        if predictions_dir is not None and rank == 0:
+            write_predictions(Path(predictions_dir) / f"{name}.jsonl", episodes)
+    return results
+
+
+def write_predictions(path: Path, episodes) -> None:
+    """FlashRAG-style rows, so `python evaluate.py score` re-scores them."""
+    path.parent.mkdir(parents=True, exist_ok=True)
+    with open(path, "w") as f:
+        for e in episodes:
+            row = {"id": e.example.id, "question": e.example.question, "golden_answers": e.example.golden_answers,
+                   "final_response": e.text, "pred": e.answer, "em": e.reward,
+                   "f1": f1(e.answer, e.example.golden_answers), "num_searches": e.num_searches}
+            f.write(json.dumps(row) + "\n")
+
+
+def format_table(results: dict, title: str = "", f1_row: bool = True) -> str:
+    """The paper's layout: one column per dataset, then the average; a row for EM (and F1)."""
+    names = list(results)
+    header = [BENCHMARKS.get(n, n) for n in names] + ["Avg."]
+    rows = [("EM", "em")] + ([("F1", "f1")] if f1_row else []) + [("searches", "searches")]
+    width = max(9, *(len(h) + 1 for h in header))
+    lines = [title] if title else []
+    lines.append(f"{'':<9}" + "".join(f"{h:>{width}}" for h in header))
+    for label, key in rows:
+        values = [results[n][key] for n in names]
+        values.append(sum(values) / len(values) if values else float("nan"))
+        lines.append(f"{label:<9}" + "".join(f"{v:>{width}.3f}" for v in values))
+    lines.append(f"{'n':<9}" + "".join(f"{results[n]['n']:>{width}d}" for n in names))
+    return "\n".join(lines)
+
+
+# ---------------------------------------------------------------- picture of a run
+
+
+def plot_run(run_dir: Path, out: Path | None = None) -> Path:
+    """PNG of reward, exact match, searches per episode and KL against the schedule, OPSD phases shaded."""
+    try:
+        import matplotlib
+
+        matplotlib.use("Agg")
+        import matplotlib.pyplot as plt
+    except ImportError:
+        raise SystemExit("error: plotting needs matplotlib (pip install matplotlib)")
+    path = Path(run_dir) / "metrics.jsonl"
+    if not path.exists():
+        raise SystemExit(f"error: {path}: no metrics.jsonl (not a run folder?)")
+    rows = [json.loads(line) for line in path.read_text().splitlines() if line.strip()]
+
+    def series(key, phases=("grpo", "opsd", "eval")):
+        pts = [(r["unit"], r[key]) for r in rows if key in r and r["phase"] in phases]
+        return [x for x, _ in pts], [y for _, y in pts]
+
+    fig, axes = plt.subplots(4, 1, figsize=(9, 10), sharex=True)
+    panels = [
+        ("reward (exact match of rollouts)", [("reward/mean", "train rollouts", ("grpo", "opsd"))]),
+        ("eval exact match", [(k, k.split("/")[1], ("eval",)) for k in sorted({k for r in rows for k in r
+                                                                               if k.startswith("eval/") and k.endswith("/em")})]),
+        ("searches per episode", [("rollout/searches_per_episode", "GRPO rollouts", ("grpo",)),
+                                  ("opsd_rollout/searches_per_episode", "OPSD rollouts", ("opsd",))]),
+        ("KL", [("grpo/kl", "GRPO: k3 KL to reference", ("grpo",)),
+                ("opsd/kl_before", "OPSD: KL(teacher||student) before", ("opsd",)),
+                ("opsd/kl_after", "OPSD: after", ("opsd",))]),
+    ]
+    for ax, (ylabel, lines) in zip(axes, panels):
+        for key, label, phases in lines:
+            xs, ys = series(key, phases)
+            if xs:
+                ax.plot(xs, ys, marker="o", markersize=3, label=label)
+        for r in rows:
+            if r["phase"] == "opsd":
+                ax.axvspan(r["unit"] - 0.5, r["unit"] + 0.5, color="tab:orange", alpha=0.15, lw=0)
+            elif r["phase"] == "eval":
+                ax.axvline(r["unit"], color="grey", ls=":", lw=1)
+        ax.set_ylabel(ylabel)
+        ax.grid(alpha=0.3)
+        if ax.get_legend_handles_labels()[0]:
+            ax.legend(fontsize=8, loc="best")
+    axes[0].set_title(f"{Path(run_dir).name}: GRPO steps (white), OPSD phases (orange), evaluations (dotted)")
+    axes[-1].set_xlabel("schedule position (GRPO step / OPSD phase / evaluation)")
+    out = Path(out) if out else Path(run_dir) / "curves.png"
+    fig.tight_layout()
+    fig.savefig(out, dpi=110)
+    plt.close(fig)
+    return out
+
+
 # ---------------------------------------------------------------- command line
 
 
@@ -176,15 +316,84 @@ def cmd_score(args) -> int:
     return 0
 
 
-def main(argv: list[str] | None = None) -> int:
-    parser = argparse.ArgumentParser(description=__doc__.split("\n")[0])
-    sub = parser.add_subparsers(dest="command", required=True)
-    p = sub.add_parser("score", help="score model outputs (jsonl rows with a response and golden_answers)")
-    p.add_argument("files", nargs="+", help="jsonl files, e.g. Search-R1/FlashRAG evaluation outputs")
-    p.add_argument("--field", default="final_response", help="the row field holding the model's response")
-    p.set_defaults(func=cmd_score)
+def cmd_run(argv: list[str]) -> int:
+    """Greedy evaluation of a model on benchmark files: the paper's table, predictions as jsonl."""
+    parser = argparse.ArgumentParser(prog="evaluate.py", description="evaluate a search agent (greedy episodes)")
+    parser.add_argument("--model", required=True, help="'tiny', a hub id, a local directory or a run's checkpoint")
+    parser.add_argument("--gguf-file", default=None, help="a GGUF file inside --model")
+    parser.add_argument("--benchmarks", default=",".join(BENCHMARKS),
+                        help="comma-separated names looked up in --data-dir, or 'synthetic' (the built-in world)")
+    parser.add_argument("--data-dir", default=None, help="folder with FlashRAG files (nq/test.jsonl or nq_test.jsonl)")
+    parser.add_argument("--retriever", default=None, help="http://host:port/retrieve (Search-R1 API)")
+    parser.add_argument("--corpus", default=None, help="Search-R1 corpus jsonl for local BM25")
+    parser.add_argument("--limit", type=int, default=None, help="questions per benchmark")
+    parser.add_argument("--topk", type=int, default=3)
+    parser.add_argument("--max-turns", type=int, default=4)
+    parser.add_argument("--max-new-tokens", type=int, default=500)
+    parser.add_argument("--max-obs-tokens", type=int, default=500)
+    parser.add_argument("--max-context-tokens", type=int, default=4096)
+    parser.add_argument("--batch-size", type=int, default=64, help="questions per rollout batch")
+    parser.add_argument("--bf16", action="store_true")
+    parser.add_argument("--out", default=None, help="folder for predictions (one jsonl per benchmark)")
     args = parser.parse_args(argv)
-    return args.func(args)
+
+    import torch
+
+    import data
+    import train
+    from search import BM25Retriever, HTTPRetriever, parse_corpus_row
+
+    names = [n.strip() for n in args.benchmarks.split(",") if n.strip()]
+    world = data.make_world() if "synthetic" in names or args.model == "tiny" else None
+    try:
+        sets = {}
+        for name in names:
+            if name == "synthetic":
+                sets[name] = world.test
+            elif args.data_dir is None:
+                raise SystemExit(f"error: benchmark {name!r} needs --data-dir")
+            else:
+                sets[name] = data.load_qa(find_benchmark_file(Path(args.data_dir), name))
+        sets = {k: v[:args.limit] if args.limit else v for k, v in sets.items()}
+        if args.retriever:
+            retriever = HTTPRetriever(args.retriever)
+        elif args.corpus:
+            retriever = BM25Retriever(args.corpus)
+        elif names == ["synthetic"]:
+            retriever = BM25Retriever(passages=[parse_corpus_row(row) for row in world.corpus])
+        else:
+            raise SystemExit("error: give --corpus FILE (local BM25) or --retriever URL")
+    except (OSError, ValueError) as e:
+        raise SystemExit(f"error: {e}")
+    device = torch.device("cuda" if torch.cuda.is_available() else "cpu")
+    cfg = train.TrainConfig(model=args.model, gguf_file=args.gguf_file, bf16=args.bf16, topk=args.topk,
+                            max_turns=args.max_turns, max_new_tokens=args.max_new_tokens,
+                            max_obs_tokens=args.max_obs_tokens, max_context_tokens=args.max_context_tokens)
+    model, tokenizer = train.load_model(cfg, world, device)
+    results = evaluate_sets(model.eval(), tokenizer, sets, retriever, train.rollout_config(cfg, seed=0, greedy=True),
+                            batch_size=args.batch_size, predictions_dir=args.out, progress=True)
+    print(format_table(results, title=f"{args.model}: exact match (greedy)"))
+    if args.out:
+        (Path(args.out) / "results.json").write_text(json.dumps(results, indent=2))
+    return 0
+
+
+def main(argv: list[str] | None = None) -> int:
+    argv = sys.argv[1:] if argv is None else argv
+    if argv[:1] == ["plot"]:
+        parser = argparse.ArgumentParser(prog="evaluate.py plot", description="PNG of a run's curves")
+        parser.add_argument("run_dir")
+        parser.add_argument("--out", default=None, help="PNG path (default RUN_DIR/curves.png)")
+        args = parser.parse_args(argv[1:])
+        print(plot_run(Path(args.run_dir), args.out))
+        return 0
+    if argv[:1] == ["score"]:
+        parser = argparse.ArgumentParser(prog="evaluate.py score", description="score model outputs (jsonl rows "
+                                         "with a response and golden_answers)")
+        parser.add_argument("files", nargs="+", help="jsonl files, e.g. Search-R1/FlashRAG evaluation outputs")
+        parser.add_argument("--field", default="final_response", help="the row field holding the model's response")
+        return cmd_score(parser.parse_args(argv[1:]))
+    return cmd_run(argv)
 
 
 if __name__ == "__main__":
