@@ -37,39 +37,57 @@ def _logits(h: torch.Tensor, weight: torch.Tensor, temperature: float) -> torch.
     return z / temperature if temperature != 1.0 else z
 
 
+def _log_softmax_(z: torch.Tensor) -> torch.Tensor:
+    """z -> log softmax(z) in place, computed as torch does: (z - max) - log(sum(exp(z - max))).
+
+    Returns each row's (max, log-sum) (c, 2), to redo exactly this on the chunk recomputed in the backward:
+    a single saved logsumexp would round at the logits' magnitude (1e-4 at 1,000) and lose precision there.
+    """
+    row_max = z.amax(-1, keepdim=True)  # (c, 1)
+    z -= row_max
+    log_sum = z.exp().sum(-1, keepdim=True).log_()  # (c, 1)
+    z -= log_sum
+    return torch.cat([row_max, log_sum], dim=-1)  # (c, 2)
+
+
+def _redo_log_softmax_(z: torch.Tensor, stats: torch.Tensor) -> torch.Tensor:
+    return z.sub_(stats[:, :1]).sub_(stats[:, 1:])  # (c, V)
+
+
 class _TokenLogprobs(torch.autograd.Function):
     @staticmethod
     def forward(ctx, hidden, weight, targets, chunk_size, temperature):
         n = hidden.shape[0]
         logps = hidden.new_empty(n, dtype=_upcast(hidden).dtype)  # (N,)
-        lse = torch.empty_like(logps)  # (N,) logsumexp of each row, saved for the backward
+        stats = logps.new_empty(n, 2)  # (N, 2) each row's softmax normaliser, saved for the backward
         entropy = torch.empty_like(logps)  # (N,) of softmax(z), for metrics only
         for s in range(0, n, chunk_size):
-            z = _logits(hidden[s:s + chunk_size], weight, temperature)  # (c, V)
-            lse_c = torch.logsumexp(z, dim=-1)  # (c,)
-            lse[s:s + chunk_size] = lse_c
-            logps[s:s + chunk_size] = z.gather(1, targets[s:s + chunk_size, None]).squeeze(1) - lse_c
-            entropy[s:s + chunk_size] = _entropy(z.sub_(lse_c[:, None]))  # z is ours: log p in place
-        ctx.save_for_backward(hidden, weight, targets, lse)
+            c = slice(s, s + chunk_size)
+            logp = _logits(hidden[c], weight, temperature)  # (c, V) logits ...
+            stats[c] = _log_softmax_(logp)  # ... turned into log p in place
+            logps[c] = logp.gather(1, targets[c, None]).squeeze(1)
+            entropy[c] = _entropy(logp)
+        ctx.save_for_backward(hidden, weight, targets, stats)
         ctx.chunk_size, ctx.temperature = chunk_size, temperature
         ctx.mark_non_differentiable(entropy)
         return logps, entropy
 
     @staticmethod
     def backward(ctx, grad_logps, _grad_entropy):
-        hidden, weight, targets, lse = ctx.saved_tensors
+        hidden, weight, targets, stats = ctx.saved_tensors
         chunk_size, temperature = ctx.chunk_size, ctx.temperature
         grad_h = torch.empty_like(hidden) if ctx.needs_input_grad[0] else None
         grad_w = torch.zeros_like(weight, dtype=_upcast(weight).dtype) if ctx.needs_input_grad[1] else None
         for s in range(0, hidden.shape[0], chunk_size):
-            h = hidden[s:s + chunk_size]  # (c, H)
-            p = (_logits(h, weight, temperature) - lse[s:s + chunk_size, None]).exp_()  # (c, V) softmax
+            c = slice(s, s + chunk_size)
+            h = hidden[c]  # (c, H)
+            p = _redo_log_softmax_(_logits(h, weight, temperature), stats[c]).exp_()  # (c, V) softmax
             # d log p[t] / d z = onehot(t) - p, times the incoming gradient and the 1/temperature of z
             dz = p.neg_()  # (c, V)
-            dz.scatter_add_(1, targets[s:s + chunk_size, None], torch.ones_like(lse[s:s + chunk_size, None]))
-            dz *= grad_logps[s:s + chunk_size, None] / temperature
+            dz.scatter_add_(1, targets[c, None], torch.ones_like(stats[c, :1]))
+            dz *= grad_logps[c, None] / temperature
             if grad_h is not None:
-                grad_h[s:s + chunk_size] = dz.to(weight.dtype) @ weight  # (c, H)
+                grad_h[c] = dz.to(weight.dtype) @ weight  # (c, H)
             if grad_w is not None:
                 grad_w.addmm_(dz.T, _upcast(h))  # (V, H) += (V, c) @ (c, H)
         return grad_h, None if grad_w is None else grad_w.to(weight.dtype), None, None, None
@@ -82,35 +100,33 @@ class _ForwardKL(torch.autograd.Function):
         kl = hidden.new_empty(n, dtype=_upcast(hidden).dtype)  # (N,) the loss: clipped terms summed
         kl_unclipped = torch.empty_like(kl)  # (N,) the true KL, for metrics
         entropy = torch.empty_like(kl)  # (N,) of the student, for metrics
-        lse = torch.empty_like(kl)  # (N,) student logsumexp
-        lse_t = torch.empty_like(kl)  # (N,) teacher logsumexp
+        stats = kl.new_empty(n, 2)  # (N, 2) student softmax normaliser
+        stats_t = kl.new_empty(n, 2)  # (N, 2) teacher softmax normaliser
         for s in range(0, n, chunk_size):
             c = slice(s, s + chunk_size)
-            z = _logits(hidden[c], weight, temperature)  # (c, V) student
-            zt = _logits(teacher_hidden[c], teacher_weight, temperature)  # (c, V) teacher
-            lse[c], lse_t[c] = torch.logsumexp(z, -1), torch.logsumexp(zt, -1)
-            z -= lse[c, None]  # student log p, in place
-            zt -= lse_t[c, None]  # teacher log p
-            terms = (zt - z).mul_(zt.exp())  # (c, V) p_T (log p_T - log p_S)
+            logp = _logits(hidden[c], weight, temperature)  # (c, V) student logits ...
+            logp_t = _logits(teacher_hidden[c], teacher_weight, temperature)  # (c, V) teacher logits ...
+            stats[c], stats_t[c] = _log_softmax_(logp), _log_softmax_(logp_t)  # ... now log p, in place
+            terms = (logp_t - logp).mul_(logp_t.exp())  # (c, V) p_T (log p_T - log p_S)
             kl_unclipped[c] = terms.sum(-1)
             kl[c] = terms.clamp_(max=clip).sum(-1) if clip is not None else kl_unclipped[c]
-            entropy[c] = _entropy(z)
-        ctx.save_for_backward(hidden, teacher_hidden, weight, teacher_weight, lse, lse_t)
+            entropy[c] = _entropy(logp)
+        ctx.save_for_backward(hidden, teacher_hidden, weight, teacher_weight, stats, stats_t)
         ctx.clip, ctx.chunk_size, ctx.temperature = clip, chunk_size, temperature
         ctx.mark_non_differentiable(kl_unclipped, entropy)
         return kl, kl_unclipped, entropy
 
     @staticmethod
     def backward(ctx, grad_kl, _grad_unclipped, _grad_entropy):
-        hidden, teacher_hidden, weight, teacher_weight, lse, lse_t = ctx.saved_tensors
+        hidden, teacher_hidden, weight, teacher_weight, stats, stats_t = ctx.saved_tensors
         clip, chunk_size, temperature = ctx.clip, ctx.chunk_size, ctx.temperature
         grad_h = torch.empty_like(hidden) if ctx.needs_input_grad[0] else None
         grad_w = torch.zeros_like(weight, dtype=_upcast(weight).dtype) if ctx.needs_input_grad[2] else None
         for s in range(0, hidden.shape[0], chunk_size):
             c = slice(s, s + chunk_size)
             h = hidden[c]  # (c, H)
-            logp = _logits(h, weight, temperature) - lse[c, None]  # (c, V) student log p
-            logp_t = _logits(teacher_hidden[c], teacher_weight, temperature) - lse_t[c, None]  # (c, V)
+            logp = _redo_log_softmax_(_logits(h, weight, temperature), stats[c])  # (c, V) student log p
+            logp_t = _redo_log_softmax_(_logits(teacher_hidden[c], teacher_weight, temperature), stats_t[c])
             p_t = logp_t.exp()  # (c, V)
             # d term / d log p_S = -p_T where the term is below the clip (clamp passes the gradient at equality)
             a = p_t.neg()  # (c, V)
