@@ -85,7 +85,7 @@ class TrainConfig:
     scale_rewards: str = "group"  # group | batch | none
     mask_truncated_completions: bool = False  # no loss on episodes cut by the context limit
     num_iterations: int = 1  # passes over each rollout batch (TRL's mu)
-    mini_batch_size: int | None = 1280  # episodes per optimizer step, all processes (None = whole batch; Search-R1: 256 x 5)
+    mini_batch_size: int | None = 1280  # episodes per optimizer step, all processes (0 or None = whole batch; Search-R1: 256 x 5)
     micro_batch_size: int = 8  # episodes per forward/backward
     max_grad_norm: float = 1.0
     chunk_size: int = 1024  # rows of hidden states per lm_head chunk in the fused log-prob / KL
@@ -153,10 +153,10 @@ def check_config(cfg: TrainConfig, world_size: int) -> None:
     for name in ("grpo_steps", "num_rounds", "micro_batch_size", "max_new_tokens", "topk", "save_every"):
         if getattr(cfg, name) < (0 if name in ("grpo_steps", "num_rounds") else 1):
             bad(f"--{name.replace('_', '-')} must be positive")
-    if cfg.mini_batch_size is not None and (cfg.batch_size * cfg.num_generations) % cfg.mini_batch_size:
+    if cfg.mini_batch_size and (cfg.batch_size * cfg.num_generations) % cfg.mini_batch_size:
         bad(f"--mini-batch-size {cfg.mini_batch_size} does not divide the {cfg.batch_size * cfg.num_generations} "
             "episodes of a step")
-    if cfg.mini_batch_size is not None and cfg.mini_batch_size % world_size:
+    if cfg.mini_batch_size and cfg.mini_batch_size % world_size:
         bad(f"--mini-batch-size {cfg.mini_batch_size} is not divisible by the {world_size} processes")
     if cfg.train_data and not (cfg.corpus or cfg.retriever):
         bad("--train-data needs a retriever: give --corpus FILE (local BM25) or --retriever URL")
@@ -359,6 +359,9 @@ def main(argv=None) -> dict:
     if device.type == "cuda":
         torch.cuda.set_device(device)
     main_process = rank == 0
+    import transformers
+
+    transformers.utils.logging.disable_progress_bar()  # ours is the only progress bar
     say = tqdm.write if main_process else (lambda *a, **k: None)
 
     # Load everything that can fail before the run folder exists.
@@ -472,8 +475,9 @@ def main(argv=None) -> dict:
         metrics["time/unit_s"] = time.time() - t0
         if main_process:
             log.write({"round": rnd, "phase": phase, "step": step, "unit": index, **metrics})
-            shown = {k: metrics[k] for k in ("reward/mean", "grpo/kl", "opsd/kl_after", "rollout/searches_per_episode") if k in metrics}
-            bar.set_postfix({k.split("/")[-1]: f"{v:.3f}" for k, v in shown.items()})
+            shown = {"reward": "reward/mean", "searches": "rollout/searches_per_episode", "kl": "grpo/kl",
+                     "opsd_kl": "opsd/kl_after", "em": "eval/" + next(iter(eval_sets)) + "/em"}
+            bar.set_postfix({name: f"{metrics[k]:.3f}" for name, k in shown.items() if k in metrics})
         bar.update(1)
         if phase != "grpo" or (step + 1) % cfg.save_every == 0 or index == len(units) - 1:
             checkpoint(index + 1)
