@@ -8,7 +8,10 @@ One call rolls out `num_generations` episodes per example, all in one batch. Per
      across turns: a turn feeds only what the cache lacks (the prompt at the first turn; then the last sampled
      token and the injected text), so a turn costs its new tokens, not a re-read of the whole context.
      Sampled ids are kept exactly as sampled (loss_mask 1), the EOS or the token that completed the tag
-     included, even if that token carries characters after the tag.
+     included, even if that token carries characters after the tag. The price of the kept cache: a row that
+     stops early stays in the batch (masked) until the turn's last row stops, and leaves a hole in the cache;
+     episodes that ended leave the batch between turns. (Re-reading the whole context every turn instead costs
+     4-5x the decoding itself on a CPU, see bench/bench_rollout.py's "naive" line.)
   2. act, on the turn's text only:
        complete <answer> a </answer>  -> done: answer = a, reward = exact_match(a, golden_answers)
        complete <search> q </search>  -> q joins this turn's search batch
@@ -183,7 +186,8 @@ def sample_tokens(logits: torch.Tensor, *, greedy: bool, temperature: float, top
         sorted_logits, order = logits.sort(-1, descending=True)  # (B, V)
         probs = sorted_logits.softmax(-1)  # (B, V)
         drop = probs.cumsum(-1) - probs > top_p  # (B, V), never drops the most likely token
-        logits = torch.full_like(logits, float("-inf")).scatter(-1, order, sorted_logits.masked_fill(drop, float("-inf")))
+        kept = sorted_logits.masked_fill(drop, float("-inf"))  # (B, V)
+        logits = torch.full_like(logits, float("-inf")).scatter(-1, order, kept)  # (B, V), vocabulary order
     return torch.multinomial(logits.softmax(-1), 1, generator=generator).squeeze(-1)  # (B,)
 
 
@@ -287,9 +291,9 @@ def generate_turn(model, tokenizer, state: KVState | None, pending: list[list[in
                 reasons[b] = "stop"
             elif len(new[b]) >= budgets[b]:
                 reasons[b] = "length"
-        live = torch.tensor([r is None for r in reasons], device=device).long()  # (B,)
-        if not live.any():
+        if all(r is not None for r in reasons):
             break
+        live = torch.tensor([r is None for r in reasons], device=device).long()  # (B,)
         # Finished rows stay in the batch until the turn ends (their cache continues next turn); what they are
         # fed from now on is masked out, and their last token waits in `pending` for the next turn.
         logits = _forward(model, cache_kw, state, tokens[:, None], live[:, None], state.next_pos[:, None])  # (B, V)
@@ -341,9 +345,9 @@ def rollout(model, tokenizer, examples: list[Example], retriever, cfg: RolloutCo
             break
         final = turn == cfg.max_turns  # Search-R1's last generation: only an answer counts
         # 1. generate one turn for all active episodes
-        outputs, state = generate_turn(model, tokenizer, state, pending, [min(cfg.max_new_tokens, room(e)) for e in active],
-                                       eos_ids=eos_ids, greedy=greedy, temperature=cfg.temperature, top_p=cfg.top_p,
-                                       generator=generator)
+        budgets = [min(cfg.max_new_tokens, room(e)) for e in active]
+        outputs, state = generate_turn(model, tokenizer, state, pending, budgets, eos_ids=eos_ids, greedy=greedy,
+                                       temperature=cfg.temperature, top_p=cfg.top_p, generator=generator)
         turn_texts = tokenizer.batch_decode([ids for ids, _ in outputs])
         injected = {}  # episode index in `active` -> ids appended after its turn
 

@@ -54,6 +54,15 @@ def encode(text: str) -> list[int]:
     return TOK(text, add_special_tokens=False).input_ids
 
 
+@pytest.fixture(autouse=True)
+def one_thread():
+    """Tiny matrices: one thread is as fast, and does not stall when other processes share the cores."""
+    n = torch.get_num_threads()
+    torch.set_num_threads(1)
+    yield
+    torch.set_num_threads(n)
+
+
 class FakeRetriever:
     """Two passages per query (long ones for queries starting with "long"); records every call."""
 
@@ -102,7 +111,8 @@ class ScriptedModel(torch.nn.Module):
             state = []
             for b in range(B):
                 ctx = ids[b][real[b]].tolist()
-                assert position_ids[b][real[b, -n:]].tolist() == list(range(len(ctx) - int(real[b, -n:].sum()), len(ctx)))
+                fed = int(real[b, -n:].sum())
+                assert position_ids[b][real[b, -n:]].tolist() == list(range(len(ctx) - fed, len(ctx)))
                 which = next(i for i, p in enumerate(self.prompts) if tuple(ctx[:len(p)]) == p)
                 response = TOK.decode(ctx[len(self.prompts[which]):])
                 turn = response.count("<information>") + response.count("My previous action is invalid")
@@ -187,7 +197,8 @@ def test_scripted_episodes():
     episodes = rollout.rollout(model, TOK, examples, retriever, cfg)
 
     assert len(episodes) == 2 * len(S)
-    for k, (e, (name, (q, golds, turns, expect, fields))) in enumerate(zip(episodes, [x for x in S.items() for _ in "12"])):
+    scenarios = [x for x in S.items() for _ in range(cfg.num_generations)]
+    for k, (e, (name, (q, golds, turns, expect, fields))) in enumerate(zip(episodes, scenarios)):
         assert e.example.id == name and e.group_id == k // 2
         assert e.prompt_ids == encode(build_prompt(TOK, q))
         ids, mask = [], []
@@ -233,6 +244,20 @@ def test_scripted_greedy_is_deterministic_and_seed_independent():
     assert runs[0] == runs[1] and runs[0][0].reward == 1.0
 
 
+def test_sample_tokens_top_p_and_temperature():
+    """Frequencies of 40k draws against the distribution computed by hand: nucleus, renormalised, tempered."""
+    probs = torch.tensor([0.5, 0.3, 0.15, 0.05])
+    logits = probs.log().repeat(40_000, 1)  # (N, 4)
+    g = torch.Generator().manual_seed(0)
+    draw = lambda **kw: torch.bincount(rollout.sample_tokens(logits, generator=g, **kw), minlength=4) / 40_000  # noqa
+    # top_p = 0.75: 0.5 < 0.75 keeps token 1 too (0.8 >= 0.75); tokens 2 and 3 are out
+    torch.testing.assert_close(draw(greedy=False, temperature=1.0, top_p=0.75),
+                               torch.tensor([0.625, 0.375, 0.0, 0.0]), atol=0.01, rtol=0)
+    tempered = probs ** 2 / (probs ** 2).sum()  # temperature 0.5 squares the probabilities
+    torch.testing.assert_close(draw(greedy=False, temperature=0.5, top_p=1.0), tempered, atol=0.01, rtol=0)
+    assert rollout.sample_tokens(logits[:3], greedy=True, temperature=1.0, top_p=1.0, generator=None).tolist() == [0] * 3
+
+
 # ---------------------------------------------------------------- parsing, and real Search-R1 trajectories
 
 
@@ -257,7 +282,8 @@ def test_parse_search_without_tags():
 
 SEARCHR1 = sorted(glob.glob(str(SHARED_DATA / "searchr1_eval" / "*.jsonl")))
 # Text the loop injects: an observation right after a turn that ended with </search>, or the invalid-action note.
-INJECTED = re.compile(r"(?<=</search>)\n\n<information>.*?</information>\n\n|" + re.escape(INVALID_ACTION_NOTE), re.DOTALL)
+INJECTED = re.compile(r"(?<=</search>)\n\n<information>.*?</information>\n\n|" + re.escape(INVALID_ACTION_NOTE),
+                      re.DOTALL)
 
 
 @pytest.mark.skipif(not SEARCHR1, reason=f"no Search-R1 evaluation outputs under {SHARED_DATA}/searchr1_eval")
