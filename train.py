@@ -21,9 +21,11 @@ killed at any moment resumes from its last checkpoint and ends with the same num
 import argparse
 import copy
 import dataclasses
+import inspect
 import json
 import os
 import random
+import re
 import shutil
 import sys
 import time
@@ -112,17 +114,21 @@ TINY_DEFAULTS = dict(
 
 
 def parse_config(argv=None) -> TrainConfig:
+    """Flags from the dataclass: one per field, its comment as help; "none" sets an optional field to None."""
     parser = argparse.ArgumentParser(description=__doc__.split("\n")[0])
     hints = typing.get_type_hints(TrainConfig)
+    comments = dict(re.findall(r"^    (\w+): .*?#\s*(.*)$", inspect.getsource(TrainConfig), re.M))
     for f in dataclasses.fields(TrainConfig):
-        flag = "--" + f.name.replace("_", "-")
-        kind = hints[f.name]
+        flag, kind = "--" + f.name.replace("_", "-"), hints[f.name]
+        help = f"{comments.get(f.name, '')} (default: {f.default})"
         if kind is bool:
-            parser.add_argument(flag, action=argparse.BooleanOptionalAction, default=None)
+            parser.add_argument(flag, action=argparse.BooleanOptionalAction, default=None, help=help)
         else:
             base = next(t for t in typing.get_args(kind) or (kind,) if t is not type(None))
-            parser.add_argument(flag, type=base, default=None)
-    given = {k: v for k, v in vars(parser.parse_args(argv)).items() if v is not None}
+            optional = type(None) in typing.get_args(kind)
+            parse = (lambda b: lambda v: None if v.lower() == "none" else b(v))(base) if optional else base
+            parser.add_argument(flag, type=parse, default=argparse.SUPPRESS, help=help)
+    given = {k: v for k, v in vars(parser.parse_args(argv)).items() if v is not None or hints[k] is not bool}
     if given.get("resume"):
         # A resumed run keeps its own config; only the resume path comes from the command line.
         path = Path(given["resume"]) / "config.json"
