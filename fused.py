@@ -10,15 +10,16 @@ With z = h W^T / temperature (one row per token, V entries), p = softmax(z):
     forward_kl:      sum_v min(clip, p_T[v] (log p_T[v] - log p_S[v]))      (clip=None: no min)
 
 Qwen2.5's vocabulary has 151,936 entries, so 32k tokens of fp32 logits take ~20 GB, and autograd keeps several
-such tensors (logits, log_softmax, their gradients). Here the rows are processed `chunk_size` at a time and only
-per-row scalars (the logsumexp) are saved; the backward recomputes each chunk's logits from the saved hidden
-states and weight (activation checkpointing, restricted to the lm_head). Peak extra memory is O(chunk_size x V)
-plus one fp32 (V, H) gradient accumulator, at the price of one more (N x H x V) matmul. The numbers are those of
-the naive version (tests/test_fused.py). Liger-Kernel does the same with Triton kernels (GPU only); this is plain
-PyTorch and runs anywhere.
+such tensors (logits, log_softmax, their gradients). Here the rows are processed `chunk_size` at a time and
+nothing of size (N, V) is kept: the backward recomputes each chunk's logits from the saved hidden states and
+weight (activation checkpointing, restricted to the lm_head). Peak extra memory is O(chunk_size x V) plus one fp32
+(V, H) gradient accumulator, at the price of one more (N x H x V) matmul. forward_kl(reduction="sum"), the OPSD
+loss, instead computes its gradient during the forward (its incoming gradient is one scalar), so it needs no
+recomputation. The numbers are those of the naive version (tests/test_fused.py). Liger-Kernel does the same with
+Triton kernels (GPU only); this is plain PyTorch and runs anywhere. bench/bench_fused.py measures both.
 
 bf16/fp16 inputs: each chunk's logits are computed in the input dtype and upcast to fp32 (as `logits.float()` in
-transformers), so softmax, logsumexp and the KL run in fp32; the weight gradient is accumulated in fp32.
+transformers), so log_softmax and the KL run in fp32; the weight gradient is accumulated in fp32.
 Out of scope: heads that are not a plain linear map, e.g. a final logit softcapping (Gemma 2), a logit scale
 (Cohere, Granite) or an lm_head bias; `hidden_states` refuses those models.
 """
@@ -33,118 +34,156 @@ def _upcast(x: torch.Tensor) -> torch.Tensor:
 
 
 def _logits(h: torch.Tensor, weight: torch.Tensor, temperature: float) -> torch.Tensor:
-    z = _upcast(h @ weight.T)  # (c, V) in the input dtype, then fp32
-    return z / temperature if temperature != 1.0 else z
+    z = _upcast(h @ weight.T)  # (c, V) in the input dtype, then upcast
+    return z.div_(temperature) if temperature != 1.0 else z
+
+
+# In-place versions of torch's own kernels, computed in the same order ((z - max) first), so that the numbers
+# match the naive version even for logits in the thousands, and a chunk costs one (c, V) buffer, not three.
 
 
 def _log_softmax_(z: torch.Tensor) -> torch.Tensor:
-    """z -> log softmax(z) in place, computed as torch does: (z - max) - log(sum(exp(z - max))).
-
-    Returns each row's (max, log-sum) (c, 2), to redo exactly this on the chunk recomputed in the backward:
-    a single saved logsumexp would round at the logits' magnitude (1e-4 at 1,000) and lose precision there.
-    """
-    row_max = z.amax(-1, keepdim=True)  # (c, 1)
-    z -= row_max
-    log_sum = z.exp().sum(-1, keepdim=True).log_()  # (c, 1)
-    z -= log_sum
-    return torch.cat([row_max, log_sum], dim=-1)  # (c, 2)
+    """log softmax(z) in place: (z - max) - log(sum(exp(z - max))); one (c, V) temporary for the sum."""
+    z -= z.amax(-1, keepdim=True)
+    return z.sub_(z.exp().sum(-1, keepdim=True).log_())  # (c, V)
 
 
-def _redo_log_softmax_(z: torch.Tensor, stats: torch.Tensor) -> torch.Tensor:
-    return z.sub_(stats[:, :1]).sub_(stats[:, 1:])  # (c, V)
+def _softmax_(z: torch.Tensor) -> torch.Tensor:
+    """softmax(z) in place: exp(z - max) / sum."""
+    z -= z.amax(-1, keepdim=True)
+    z.exp_()
+    return z.div_(z.sum(-1, keepdim=True))  # (c, V)
+
+
+def _log_softmax_at_(z: torch.Tensor, targets: torch.Tensor) -> torch.Tensor:
+    """log softmax(z)[targets] (c,), destroying z, without any (c, V) temporary."""
+    z -= z.amax(-1, keepdim=True)
+    at = z.gather(1, targets[:, None]).squeeze(1)  # (c,)
+    return at - z.exp_().sum(-1).log_()
+
+
+def _entropy(logp: torch.Tensor) -> torch.Tensor:
+    return -(logp.exp() * logp).sum(-1)  # (c,)
+
+
+def _accumulate_grads(dz, h, weight, grad_h, grad_w, rows):
+    """Chain d(loss)/d(logits) of a chunk (c, V) through logits = h @ weight.T (the 1/temperature already in dz)."""
+    if grad_h is not None:
+        grad_h[rows] = dz.to(weight.dtype) @ weight  # (c, H)
+    if grad_w is not None:
+        grad_w.addmm_(dz.T, _upcast(h))  # (V, H) += (V, c) @ (c, H), accumulated in fp32
 
 
 class _TokenLogprobs(torch.autograd.Function):
     @staticmethod
-    def forward(ctx, hidden, weight, targets, chunk_size, temperature):
+    def forward(ctx, hidden, weight, targets, chunk_size, temperature, with_entropy):
         n = hidden.shape[0]
         logps = hidden.new_empty(n, dtype=_upcast(hidden).dtype)  # (N,)
-        stats = logps.new_empty(n, 2)  # (N, 2) each row's softmax normaliser, saved for the backward
-        entropy = torch.empty_like(logps)  # (N,) of softmax(z), for metrics only
+        entropy = logps.new_empty(n if with_entropy else 0)  # (N,) for metrics only
         for s in range(0, n, chunk_size):
             c = slice(s, s + chunk_size)
-            logp = _logits(hidden[c], weight, temperature)  # (c, V) logits ...
-            stats[c] = _log_softmax_(logp)  # ... turned into log p in place
-            logps[c] = logp.gather(1, targets[c, None]).squeeze(1)
-            entropy[c] = _entropy(logp)
-        ctx.save_for_backward(hidden, weight, targets, stats)
+            z = _logits(hidden[c], weight, temperature)  # (c, V)
+            if with_entropy:
+                logp = _log_softmax_(z)  # (c, V)
+                logps[c] = logp.gather(1, targets[c, None]).squeeze(1)
+                entropy[c] = _entropy(logp)
+            else:
+                logps[c] = _log_softmax_at_(z, targets[c])
+        ctx.save_for_backward(hidden, weight, targets)
         ctx.chunk_size, ctx.temperature = chunk_size, temperature
         ctx.mark_non_differentiable(entropy)
         return logps, entropy
 
     @staticmethod
     def backward(ctx, grad_logps, _grad_entropy):
-        hidden, weight, targets, stats = ctx.saved_tensors
-        chunk_size, temperature = ctx.chunk_size, ctx.temperature
+        hidden, weight, targets = ctx.saved_tensors
         grad_h = torch.empty_like(hidden) if ctx.needs_input_grad[0] else None
         grad_w = torch.zeros_like(weight, dtype=_upcast(weight).dtype) if ctx.needs_input_grad[1] else None
-        for s in range(0, hidden.shape[0], chunk_size):
-            c = slice(s, s + chunk_size)
-            h = hidden[c]  # (c, H)
-            p = _redo_log_softmax_(_logits(h, weight, temperature), stats[c]).exp_()  # (c, V) softmax
-            # d log p[t] / d z = onehot(t) - p, times the incoming gradient and the 1/temperature of z
-            dz = p.neg_()  # (c, V)
-            dz.scatter_add_(1, targets[c, None], torch.ones_like(stats[c, :1]))
-            dz *= grad_logps[c, None] / temperature
-            if grad_h is not None:
-                grad_h[c] = dz.to(weight.dtype) @ weight  # (c, H)
-            if grad_w is not None:
-                grad_w.addmm_(dz.T, _upcast(h))  # (V, H) += (V, c) @ (c, H)
-        return grad_h, None if grad_w is None else grad_w.to(weight.dtype), None, None, None
+        for s in range(0, hidden.shape[0], ctx.chunk_size):
+            c = slice(s, s + ctx.chunk_size)
+            # d log p[t] / d z = onehot(t) - p, times the incoming gradient g and the 1/temperature of z
+            g = (grad_logps[c] / ctx.temperature)[:, None]  # (c, 1)
+            dz = _softmax_(_logits(hidden[c], weight, ctx.temperature)).mul_(-g)  # (c, V) -g p
+            dz.scatter_add_(1, targets[c, None], g.to(dz.dtype))
+            _accumulate_grads(dz, hidden[c], weight, grad_h, grad_w, c)
+        return grad_h, None if grad_w is None else grad_w.to(weight.dtype), None, None, None, None
+
+
+def _kl_chunk(logp, logp_t, clip, with_grad):
+    """Per-row clipped KL (c,), unclipped KL (c,) and, if asked, d(sum of clipped KL)/d(student logits) (c, V).
+
+    logp, logp_t: student and teacher log-probs (c, V); both are overwritten.
+    """
+    p_t = logp_t.exp()  # (c, V)
+    terms = logp_t.sub_(logp).mul_(p_t)  # (c, V) p_T (log p_T - log p_S), in logp_t's buffer
+    kl_unclipped = terms.sum(-1)  # (c,)
+    kl, keep = kl_unclipped, None
+    if clip is not None:
+        keep = terms <= clip if with_grad else None  # (c, V) where the gradient passes (as clamp's backward)
+        kl = terms.clamp_(max=clip).sum(-1)  # (c,)
+    if not with_grad:
+        return kl, kl_unclipped, None
+    a = p_t.neg_()  # (c, V) d term / d log p_S = -p_T, zero where clipped
+    if keep is not None:
+        a *= keep
+    # through log_softmax: d/dz = a - p_S * sum(a)
+    return kl, kl_unclipped, a.sub_(logp.exp_().mul_(a.sum(-1, keepdim=True)))
 
 
 class _ForwardKL(torch.autograd.Function):
+    """Per-row KL (reduction "none": the backward recomputes each chunk) or its sum (reduction "sum": the
+    gradient is computed during the forward, Liger-Kernel's trick, so no logits are computed twice)."""
+
     @staticmethod
-    def forward(ctx, hidden, teacher_hidden, weight, teacher_weight, clip, chunk_size, temperature):
+    def forward(ctx, hidden, teacher_hidden, weight, teacher_weight, clip, chunk_size, temperature, reduction,
+                with_grad, with_stats):
         n = hidden.shape[0]
         kl = hidden.new_empty(n, dtype=_upcast(hidden).dtype)  # (N,) the loss: clipped terms summed
-        kl_unclipped = torch.empty_like(kl)  # (N,) the true KL, for metrics
-        entropy = torch.empty_like(kl)  # (N,) of the student, for metrics
-        stats = kl.new_empty(n, 2)  # (N, 2) student softmax normaliser
-        stats_t = kl.new_empty(n, 2)  # (N, 2) teacher softmax normaliser
+        kl_unclipped = kl.new_empty(n if with_stats else 0)  # (N,) the true KL, for metrics
+        entropy = kl.new_empty(n if with_stats else 0)  # (N,) of the student, for metrics
+        grad_now = reduction == "sum" and with_grad
+        grad_h = torch.empty_like(hidden) if grad_now else None  # (N, H)
+        grad_w = torch.zeros_like(weight, dtype=_upcast(weight).dtype) if grad_now else None  # (V, H)
         for s in range(0, n, chunk_size):
             c = slice(s, s + chunk_size)
-            logp = _logits(hidden[c], weight, temperature)  # (c, V) student logits ...
-            logp_t = _logits(teacher_hidden[c], teacher_weight, temperature)  # (c, V) teacher logits ...
-            stats[c], stats_t[c] = _log_softmax_(logp), _log_softmax_(logp_t)  # ... now log p, in place
-            terms = (logp_t - logp).mul_(logp_t.exp())  # (c, V) p_T (log p_T - log p_S)
-            kl_unclipped[c] = terms.sum(-1)
-            kl[c] = terms.clamp_(max=clip).sum(-1) if clip is not None else kl_unclipped[c]
-            entropy[c] = _entropy(logp)
-        ctx.save_for_backward(hidden, teacher_hidden, weight, teacher_weight, stats, stats_t)
+            logp = _log_softmax_(_logits(hidden[c], weight, temperature))  # (c, V) student
+            logp_t = _log_softmax_(_logits(teacher_hidden[c], teacher_weight, temperature))  # (c, V) teacher
+            if with_stats:
+                entropy[c] = _entropy(logp)
+            kl[c], unclipped, dz = _kl_chunk(logp, logp_t, clip, grad_now)
+            if with_stats:
+                kl_unclipped[c] = unclipped
+            if grad_now:
+                _accumulate_grads(dz.div_(temperature), hidden[c], weight, grad_h, grad_w, c)
+        if grad_now:
+            ctx.save_for_backward(grad_h, grad_w)
+        else:
+            ctx.save_for_backward(hidden, teacher_hidden, weight, teacher_weight)
         ctx.clip, ctx.chunk_size, ctx.temperature = clip, chunk_size, temperature
+        ctx.grad_now, ctx.weight_dtype = grad_now, weight.dtype
         ctx.mark_non_differentiable(kl_unclipped, entropy)
-        return kl, kl_unclipped, entropy
+        return (kl.sum() if reduction == "sum" else kl), kl_unclipped, entropy
 
     @staticmethod
     def backward(ctx, grad_kl, _grad_unclipped, _grad_entropy):
-        hidden, teacher_hidden, weight, teacher_weight, stats, stats_t = ctx.saved_tensors
-        clip, chunk_size, temperature = ctx.clip, ctx.chunk_size, ctx.temperature
+        # The teacher is a constant: no gradient for its hidden states or weight, even if they require one.
+        nones = (None,) * 7
+        if ctx.grad_now:  # computed in the forward; scale by the incoming scalar gradient
+            grad_h, grad_w = ctx.saved_tensors
+            grad_h = grad_h * grad_kl if ctx.needs_input_grad[0] else None
+            grad_w = (grad_w * grad_kl).to(ctx.weight_dtype) if ctx.needs_input_grad[2] else None
+            return grad_h, None, grad_w, *nones
+        hidden, teacher_hidden, weight, teacher_weight = ctx.saved_tensors
         grad_h = torch.empty_like(hidden) if ctx.needs_input_grad[0] else None
         grad_w = torch.zeros_like(weight, dtype=_upcast(weight).dtype) if ctx.needs_input_grad[2] else None
-        for s in range(0, hidden.shape[0], chunk_size):
-            c = slice(s, s + chunk_size)
-            h = hidden[c]  # (c, H)
-            logp = _redo_log_softmax_(_logits(h, weight, temperature), stats[c])  # (c, V) student log p
-            logp_t = _redo_log_softmax_(_logits(teacher_hidden[c], teacher_weight, temperature), stats_t[c])
-            p_t = logp_t.exp()  # (c, V)
-            # d term / d log p_S = -p_T where the term is below the clip (clamp passes the gradient at equality)
-            a = p_t.neg()  # (c, V)
-            if clip is not None:
-                a *= (logp_t - logp).mul_(p_t) <= clip
-            # through log_softmax: d/dz = a - p_S * sum(a)
-            dz = a.sub_(logp.exp_().mul_(a.sum(-1, keepdim=True)))  # (c, V)
-            dz *= grad_kl[c, None] / temperature
-            if grad_h is not None:
-                grad_h[c] = dz.to(weight.dtype) @ weight  # (c, H)
-            if grad_w is not None:
-                grad_w.addmm_(dz.T, _upcast(h))  # (V, H)
-        # The teacher is a constant: no gradient for its hidden states or weight, even if they require one.
-        return grad_h, None, None if grad_w is None else grad_w.to(weight.dtype), None, None, None, None
-
-
-def _entropy(logp: torch.Tensor) -> torch.Tensor:
-    return -(logp.exp() * logp).sum(-1)  # (c,)
+        for s in range(0, hidden.shape[0], ctx.chunk_size):
+            c = slice(s, s + ctx.chunk_size)
+            logp = _log_softmax_(_logits(hidden[c], weight, ctx.temperature))  # (c, V) recomputed
+            logp_t = _log_softmax_(_logits(teacher_hidden[c], teacher_weight, ctx.temperature))  # (c, V)
+            _, _, dz = _kl_chunk(logp, logp_t, ctx.clip, True)  # (c, V)
+            dz *= grad_kl[c, None] / ctx.temperature
+            _accumulate_grads(dz, hidden[c], weight, grad_h, grad_w, c)
+        return grad_h, None, None if grad_w is None else grad_w.to(weight.dtype), *nones
 
 
 def token_logprobs(hidden: torch.Tensor, weight: torch.Tensor, targets: torch.Tensor, chunk_size: int = 1024,
@@ -154,21 +193,26 @@ def token_logprobs(hidden: torch.Tensor, weight: torch.Tensor, targets: torch.Te
     hidden (N, H), weight (V, H) (the lm_head weight), targets (N,) int64. Differentiable in hidden and weight.
     `return_entropy=True` also returns the entropy of each row's distribution (N,), without gradient.
     """
-    logps, entropy = _TokenLogprobs.apply(hidden, weight, targets, chunk_size, temperature)
+    logps, entropy = _TokenLogprobs.apply(hidden, weight, targets, chunk_size, temperature, return_entropy)
     return (logps, entropy) if return_entropy else logps
 
 
 def forward_kl(student_hidden: torch.Tensor, teacher_hidden: torch.Tensor, weight: torch.Tensor,
                teacher_weight: torch.Tensor, clip: float | None = None, chunk_size: int = 1024,
-               temperature: float = 1.0, return_stats: bool = False):
+               temperature: float = 1.0, reduction: str = "none", return_stats: bool = False):
     """Per-row KL(teacher || student) over the full vocabulary, each entry's term clipped from above: (N,).
 
     student_hidden, teacher_hidden (N, H); weight, teacher_weight (V, H), possibly the same tensor. The teacher
     is treated as a constant (no gradient); gradients flow to student_hidden and weight.
-    `return_stats=True` returns (kl, unclipped kl, student entropy), the last two without gradient.
+    reduction="sum" returns the sum over rows (a scalar) and computes its gradient during the forward: two
+    (N x H x V) matmuls fewer than "none", whose backward recomputes the student's and the teacher's logits.
+    `return_stats=True` returns (kl, unclipped kl per row, student entropy per row), the last two without gradient.
     """
+    if reduction not in ("none", "sum"):
+        raise ValueError(f"reduction={reduction!r}: choose none or sum")
+    with_grad = torch.is_grad_enabled() and (student_hidden.requires_grad or weight.requires_grad)
     kl, kl_unclipped, entropy = _ForwardKL.apply(student_hidden, teacher_hidden, weight, teacher_weight, clip,
-                                                 chunk_size, temperature)
+                                                 chunk_size, temperature, reduction, with_grad, return_stats)
     return (kl, kl_unclipped, entropy) if return_stats else kl
 
 

@@ -170,11 +170,13 @@ def distributed() -> bool:
 
 
 def all_reduce_sum(x: torch.Tensor) -> torch.Tensor:
-    """Sum over processes (identity in a single process)."""
-    if distributed():
-        x = x.clone()
-        dist.all_reduce(x)
-    return x
+    """Sum over processes (identity in a single process); bookkeeping numbers, so on NCCL it hops to the GPU."""
+    if not distributed():
+        return x
+    device = torch.device("cuda", torch.cuda.current_device()) if dist.get_backend() == "nccl" else x.device
+    y = x.detach().to(device, copy=True)
+    dist.all_reduce(y)
+    return y.to(x.device)
 
 
 def _gather(values: torch.Tensor) -> torch.Tensor:

@@ -113,10 +113,11 @@ def opsd_loss(student_hidden, teacher_hidden, weight, teacher_weight, *, clip: f
 
     Hidden states (n, H) at the same n student tokens; metrics are sums over them (the caller normalises).
     """
-    kl, kl_unclipped, entropy = fused.forward_kl(student_hidden, teacher_hidden, weight, teacher_weight, clip,
-                                                 chunk_size, temperature, return_stats=True)  # (n,) each
-    loss = kl.sum() / normaliser
-    metrics = {"kl_sum": kl_unclipped.sum(), "entropy_sum": entropy.sum(), "tokens": float(kl.shape[0])}
+    kl_sum, kl_unclipped, entropy = fused.forward_kl(student_hidden, teacher_hidden, weight, teacher_weight, clip,
+                                                     chunk_size, temperature, reduction="sum",
+                                                     return_stats=True)  # (), (n,), (n,)
+    loss = kl_sum / normaliser
+    metrics = {"kl_sum": kl_unclipped.sum(), "entropy_sum": entropy.sum(), "tokens": float(kl_unclipped.shape[0])}
     return loss, metrics
 
 

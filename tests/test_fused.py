@@ -88,6 +88,24 @@ def test_forward_kl_matches_naive(chunk_size, temperature, extreme, clip):
                                                        temperature)[1].detach(), **TOL)
 
 
+@pytest.mark.parametrize("clip", [None, 0.05])
+@pytest.mark.parametrize("chunk_size,temperature,extreme", CASES)
+def test_forward_kl_sum_matches_naive(chunk_size, temperature, extreme, clip):
+    """reduction="sum" computes its gradient in the forward; the incoming gradient is a scalar (here 0.7)."""
+    hidden, weight, teacher_hidden, teacher_weight, _, _ = inputs(extreme=extreme)
+    upstream = torch.tensor(0.7)
+    ours = value_and_grads(lambda: forward_kl(hidden, teacher_hidden, weight, teacher_weight, clip, chunk_size,
+                                              temperature, reduction="sum"), hidden, weight, upstream)
+    ref = value_and_grads(lambda: naive_kl(hidden, teacher_hidden, weight, teacher_weight, clip, temperature).sum(),
+                          hidden, weight, upstream)
+    for a, b in zip(ours, ref):
+        torch.testing.assert_close(a, b, **TOL)
+    with torch.no_grad():  # no gradient wanted: none computed, same value
+        value = forward_kl(hidden, teacher_hidden, weight, teacher_weight, clip, chunk_size, temperature,
+                           reduction="sum")
+    torch.testing.assert_close(value, ours[0], **TOL)
+
+
 def test_forward_kl_shared_weight_gets_only_the_student_gradient():
     """teacher_weight may be the very tensor `weight` (a LoRA-off teacher, or the same lm_head): it is a constant."""
     hidden, weight, teacher_hidden, _, _, upstream = inputs(seed=1)
@@ -117,8 +135,10 @@ def test_gradcheck_float64():
                      log_target=True, reduction="none")
     assert (terms > clip).any() and ((terms - clip).abs() > 1e-4).all()  # clip binds, no term sits on the kink
     for c in (None, clip):
-        assert torch.autograd.gradcheck(lambda a, b: forward_kl(a, teacher_hidden, b, teacher_weight, c, 3),
-                                        (hidden, weight))
+        for reduction in ("none", "sum"):
+            assert torch.autograd.gradcheck(
+                lambda a, b: forward_kl(a, teacher_hidden, b, teacher_weight, c, 3, 1.2, reduction=reduction),
+                (hidden, weight))
 
 
 def test_bf16_runs_in_fp32_and_is_close():
@@ -138,6 +158,13 @@ def test_bf16_runs_in_fp32_and_is_close():
     assert kl.dtype == torch.float32
     ref_kl = naive_kl(h32, teacher_hidden.float(), w32, teacher_weight.float(), 1.0)
     torch.testing.assert_close(kl.detach(), ref_kl.detach(), rtol=0.02, atol=0.05)
+    # gradients without the clip: rounding may move a term across it, which switches its gradient on or off
+    hidden.grad = weight.grad = h32.grad = w32.grad = None
+    forward_kl(hidden, teacher_hidden, weight, teacher_weight, None, 8, reduction="sum").backward()
+    naive_kl(h32, teacher_hidden.float(), w32, teacher_weight.float(), None).sum().backward()
+    assert hidden.grad.dtype == weight.grad.dtype == torch.bfloat16
+    torch.testing.assert_close(hidden.grad.float(), h32.grad, rtol=0.02, atol=0.05)
+    torch.testing.assert_close(weight.grad.float(), w32.grad, rtol=0.02, atol=0.05)
 
 
 def test_no_rows_by_vocab_tensor_is_saved_for_backward():
@@ -152,6 +179,7 @@ def test_no_rows_by_vocab_tensor_is_saved_for_backward():
     with torch.autograd.graph.saved_tensors_hooks(pack, lambda t: t):
         token_logprobs(hidden, weight, targets, 8).sum().backward()
         forward_kl(hidden, teacher_hidden, weight, teacher_weight, 1.0, 8).sum().backward()
+        forward_kl(hidden, teacher_hidden, weight, teacher_weight, 1.0, 8, reduction="sum").backward()
     assert sizes and max(sizes) < N * V
     with torch.autograd.graph.saved_tensors_hooks(pack, lambda t: t):
         naive_logprobs(hidden, weight, targets)[0].sum().backward()
