@@ -344,7 +344,10 @@ def cmd_run(argv: list[str]) -> int:
     from search import BM25Retriever, HTTPRetriever, parse_corpus_row
 
     names = [n.strip() for n in args.benchmarks.split(",") if n.strip()]
-    world = data.make_world() if "synthetic" in names or args.model == "tiny" else None
+    cfg = train.TrainConfig(model=args.model, gguf_file=args.gguf_file, bf16=args.bf16, topk=args.topk,
+                            max_turns=args.max_turns, max_new_tokens=args.max_new_tokens,
+                            max_obs_tokens=args.max_obs_tokens, max_context_tokens=args.max_context_tokens)
+    world = data.make_world(**train.world_args(cfg)) if "synthetic" in names or args.model == "tiny" else None
     try:
         sets = {}
         for name in names:
@@ -366,9 +369,6 @@ def cmd_run(argv: list[str]) -> int:
     except (OSError, ValueError) as e:
         raise SystemExit(f"error: {e}")
     device = torch.device("cuda" if torch.cuda.is_available() else "cpu")
-    cfg = train.TrainConfig(model=args.model, gguf_file=args.gguf_file, bf16=args.bf16, topk=args.topk,
-                            max_turns=args.max_turns, max_new_tokens=args.max_new_tokens,
-                            max_obs_tokens=args.max_obs_tokens, max_context_tokens=args.max_context_tokens)
     model, tokenizer = train.load_model(cfg, world, device)
     results = evaluate_sets(model.eval(), tokenizer, sets, retriever, train.rollout_config(cfg, seed=0, greedy=True),
                             batch_size=args.batch_size, predictions_dir=args.out, progress=True)

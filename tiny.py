@@ -40,7 +40,7 @@ from transformers import AutoModelForCausalLM, AutoTokenizer, PreTrainedTokenize
 
 import data
 import rollout
-from search import BM25Retriever, format_passages, parse_corpus_row
+from search import BM25Retriever, parse_corpus_row
 
 # ChatML, as Qwen2.5 writes it (minus Qwen's default system message).
 CHAT_TEMPLATE = (
@@ -52,7 +52,7 @@ SPECIAL_TOKENS = ["<|endoftext|>", "<|im_start|>", "<|im_end|>"]
 
 @dataclass(frozen=True)
 class TinyRecipe:
-    vocab_size: int = 2048  # BPE merges learned on the world's text
+    vocab_size: int = 4096  # BPE merges learned on the world's text
     hidden_size: int = 128
     num_layers: int = 4
     num_heads: int = 4
@@ -89,34 +89,36 @@ def recipe_key(recipe: TinyRecipe, world_args: dict) -> str:
 # ---------------------------------------------------------------- trajectories
 
 
-def _search_block(retriever, query: str, topk: int) -> tuple[str, str]:
-    """(sampled text, injected observation) for one search, in the rollout's exact format."""
-    docs = format_passages(retriever.search([query], topk)[0])
-    return f"<think> I need to search {query}. </think>\n<search> {query} </search>", f"\n\n<information>{docs}</information>\n\n"
+def search_turn(query: str, observations: dict[str, str], first: bool) -> list[tuple[str, bool]]:
+    """One search in the rollout's exact format: the model's turn (trained), then the observation (not)."""
+    lead = "I need to search" if first else "Now I need to search"
+    return [(f"<think> {lead} {query}. </think>\n<search> {query} </search>", True), (observations[query], False)]
 
 
-def make_trajectory(example, plan, world, retriever, recipe: TinyRecipe, rng: random.Random):
-    """A list of (text, trained) segments: the model's own turns are trained, observations are not."""
-    answers = [e.golden_answers[0] for e in world.train]
-    segments = []
+def answer_turn(answer: str, searched: bool = True) -> list[tuple[str, bool]]:
+    thought = "I found the answer." if searched else "I think I know this."
+    return [(f"<think> {thought} </think>\n<answer> {answer} </answer>", True)]
+
+
+def ideal_trajectory(example, plan, observations) -> list[tuple[str, bool]]:
+    """Search each entity of the plan in turn, then answer."""
+    segments = [seg for i, (query, _) in enumerate(plan) for seg in search_turn(query, observations, i == 0)]
+    return segments + answer_turn(example.golden_answers[0])
+
+
+def flawed_trajectory(example, plan, observations, titles, answers, recipe: TinyRecipe, rng: random.Random):
+    """The ideal trajectory, or one of its flaws: a guess without searching, a wrong first query (and a wrong
+    answer), a repeated search."""
     r = rng.random()
-    if r < recipe.p_no_search:  # guess without looking
-        guess = rng.choice(answers)
-        return [(f"<think> I think I know this. </think>\n<answer> {guess} </answer>", True)], False
-    titles = [row["contents"].split("\n", 1)[0].strip('"') for row in world.corpus]
+    if r < recipe.p_no_search:
+        return answer_turn(rng.choice(answers), searched=False)
     wrong = r < recipe.p_no_search + recipe.p_wrong_query
+    segments = []
     for i, (query, _) in enumerate(plan):
-        if wrong and i == 0:
-            query = rng.choice(titles)
-        said, obs = _search_block(retriever, query, recipe.topk)
-        if i > 0:
-            said = said.replace("I need to search", "Now I need to search", 1)
-        segments += [(said, True), (obs, False)]
-        if rng.random() < recipe.p_extra_search / len(plan):
-            segments += [(said, True), (obs, False)]
-    answer = rng.choice(answers) if wrong else example.golden_answers[0]
-    segments.append((f"<think> I found the answer. </think>\n<answer> {answer} </answer>", True))
-    return segments, not wrong
+        turn = search_turn(rng.choice(titles) if wrong and i == 0 else query, observations, i == 0)
+        repeat = rng.random() < recipe.p_extra_search / len(plan)
+        segments += turn * (2 if repeat else 1)
+    return segments + answer_turn(rng.choice(answers) if wrong else example.golden_answers[0])
 
 
 def build_tokenizer(world, recipe: TinyRecipe) -> PreTrainedTokenizerFast:
@@ -157,22 +159,30 @@ def encode_trajectory(tokenizer, prompt: str, segments) -> tuple[list[int], list
 
 
 def warm_start_data(world, tokenizer, recipe: TinyRecipe) -> list[tuple[list[int], list[int]]]:
+    """(token ids, loss mask) of `num_trajectories` warm-start trajectories on the world's training questions."""
     import opsd  # the privileged-context template lives with the method
 
     rng = random.Random(recipe.seed)
+    # Every query a trajectory makes is an entity's name: retrieve them all in one batch.
+    titles = [row["contents"].split("\n", 1)[0].strip('"') for row in world.corpus]
     retriever = BM25Retriever(passages=[parse_corpus_row(row) for row in world.corpus])
+    observations = {t: rollout.format_observation(ps) for t, ps in zip(titles, retriever.search(titles, recipe.topk))}
+    answers = [e.golden_answers[0] for e in world.train]
+    # Distinct questions where the world has enough: a question seen once cannot be memorised, so the model has
+    # to learn to copy the name into its query and the answer out of the passages.
+    questions = rng.sample(world.train, len(world.train))
     out = []
-    for _ in range(recipe.num_trajectories):
-        example = rng.choice(world.train)
+    for i in range(recipe.num_trajectories):
+        example = questions[i % len(questions)]
         plan = world.plans[example.id]
-        segments, _ = make_trajectory(example, plan, world, retriever, recipe, rng)
-        privileged = ""
         if rng.random() < recipe.p_privileged:
-            # An ideal solution in the prompt, and the trajectory follows it exactly.
-            ideal = [s for q, _ in plan for s in _search_block(retriever, q, recipe.topk)]
-            ideal.append(f"<think> I found the answer. </think>\n<answer> {example.golden_answers[0]} </answer>")
-            privileged = opsd.TEACHER_CONTEXT.format(reference="".join(ideal))
-            segments = [(s, i % 2 == 0 or i == len(ideal) - 1) for i, s in enumerate(ideal)]
+            # An ideal solution in the prompt (OPSD's teacher context), and the trajectory follows it.
+            segments = ideal_trajectory(example, plan, observations)
+            reference = "".join(text for text, _ in segments)
+            privileged = opsd.TEACHER_CONTEXT.format(reference=reference)
+        else:
+            segments = flawed_trajectory(example, plan, observations, titles, answers, recipe, rng)
+            privileged = ""
         prompt = rollout.build_prompt(tokenizer, example.question, privileged=privileged)
         out.append(encode_trajectory(tokenizer, prompt, segments))
     return out

@@ -58,6 +58,8 @@ class TrainConfig:
     eval_data: str | None = None  # comma-separated files or hub names; None = the synthetic world's test split
     eval_limit: int | None = None  # questions per eval set (None = all)
     world_seed: int = 0  # seed of the synthetic world
+    world_scale: float = 8.0  # entities in the synthetic world, x 320 passages
+    world_train: int = 6000  # training questions in the synthetic world (its test split has 200)
     # --- retrieval
     retriever: str | None = None  # http://host:port/retrieve (Search-R1 API); None = local BM25 over `corpus`
     corpus: str | None = None  # Search-R1 corpus jsonl for local BM25; None = the synthetic world's corpus
@@ -187,7 +189,7 @@ def load_model(cfg: TrainConfig, world, device):
     if cfg.model == "tiny":
         import tiny
 
-        model, tokenizer = tiny.load_tiny(world, {"seed": cfg.world_seed}, log=tqdm.write)
+        model, tokenizer = tiny.load_tiny(world, world_args(cfg), log=tqdm.write)
     else:
         kwargs = {"gguf_file": cfg.gguf_file} if cfg.gguf_file else {}
         try:
@@ -206,11 +208,15 @@ def load_model(cfg: TrainConfig, world, device):
     return model.to(device), tokenizer
 
 
+def world_args(cfg: TrainConfig) -> dict:
+    return {"seed": cfg.world_seed, "scale": cfg.world_scale, "num_train": cfg.world_train}
+
+
 def load_data(cfg: TrainConfig):
     """(world or None, train examples, {eval name: examples}, retriever)."""
     world = None
     if not cfg.train_data or not cfg.eval_data or not (cfg.corpus or cfg.retriever):
-        world = data.make_world(seed=cfg.world_seed)
+        world = data.make_world(**world_args(cfg))
     try:
         train = data.load_qa(cfg.train_data, split="train") if cfg.train_data else world.train
         if cfg.eval_data:

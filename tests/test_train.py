@@ -139,7 +139,7 @@ def test_torchrun_two_processes_match_one_process_on_the_same_global_batch(tmp_p
             episodes.append(Episode(**row))
     assert len(episodes) == 4 * 5
     cfg = train.parse_config(args)
-    model, _ = tiny.load_tiny(data.make_world(seed=cfg.world_seed), {"seed": cfg.world_seed})
+    model, _ = tiny.load_tiny(data.make_world(**train.world_args(cfg)), train.world_args(cfg))
     ref = __import__("copy").deepcopy(model).eval().requires_grad_(False)
     optimizer = torch.optim.AdamW(model.parameters(), lr=cfg.lr, weight_decay=cfg.weight_decay)
     model.train()
