@@ -1,17 +1,21 @@
 """Rollout throughput: our multi-turn loop vs one plain `model.generate` vs a loop that re-tokenises every turn.
 
-    python bench/bench_rollout.py [--batch 8] [--free 32] [--hidden 512] [--layers 8] [--repeats 2]
+    python bench/bench_rollout.py [--batch 8] [--free 96] [--hidden 512] [--layers 8] [--threads 1] [--repeats 2]
 
 A random Qwen2 (hidden 512, 8 layers: ~25M parameters, so the model and not Python dominates on a CPU) with a
 byte-level BPE tokenizer trained here on the synthetic world, BM25 over the world's corpus. A random model never
 writes tags, so every turn is made the same way in all three: `free` sampled tokens, then a forced
 `<search> NAME </search>` (the logits of those steps put all mass on the next tag token), EOS never sampled. Each
 sequence thus gets exactly (max_turns + 1) * turn_tokens new tokens in all three:
-  rollout   rollout.rollout: max_turns searches (batched BM25, observations appended as ids), then the final turn
+  rollout   rollout.rollout: max_turns searches (batched BM25, observations appended as ids), then the final turn;
+            a second line with empty search results (`<information></information>`) separates the cost of the
+            loop from the cost of reading the retrieved text, which plain generate never reads
   generate  one model.generate call, max_new_tokens = the same total, no searches (the ceiling for one batch)
   naive     per turn: decode, concatenate text and observation, re-encode the whole text, model.generate the turn
             (Search-R1's way, without its vLLM); same turns, same searches
-tokens/s counts sampled tokens only. All methods sample (temperature 1). Best of `repeats` runs, one process.
+tokens/s counts sampled tokens only. All methods sample (temperature 1). Best of `repeats` runs, one process,
+one thread by default: the cores here are shared, and a multi-threaded CPU forward stalls when another process
+takes a core, which would time the neighbours rather than the methods.
 """
 import argparse
 import sys
@@ -95,12 +99,14 @@ def naive_rollout(model, tokenizer, prompts: list[str], retriever, cfg, turn_tok
 def main():
     parser = argparse.ArgumentParser(description=__doc__.split("\n")[0])
     parser.add_argument("--batch", type=int, default=8, help="sequences (questions x generations)")
-    parser.add_argument("--free", type=int, default=32, help="sampled tokens per turn before the forced search")
+    parser.add_argument("--free", type=int, default=96, help="sampled tokens per turn before the forced search")
     parser.add_argument("--hidden", type=int, default=512)
     parser.add_argument("--layers", type=int, default=8)
     parser.add_argument("--vocab", type=int, default=4096)
+    parser.add_argument("--threads", type=int, default=1, help="torch CPU threads")
     parser.add_argument("--repeats", type=int, default=2)
     args = parser.parse_args()
+    torch.set_num_threads(args.threads)
     from transformers import Qwen2Config
 
     world = data.make_world(seed=0)
@@ -125,12 +131,22 @@ def main():
                                     max_obs_tokens=500, max_context_tokens=4096, topk=3, temperature=1.0, top_p=1.0)
         return cfg, (cfg.max_turns + 1) * cfg.max_new_tokens
 
-    def run_rollout(free: int) -> int:
+    obs_tokens = {}
+
+    def run_rollout(free: int, retriever=retriever) -> int:
         cfg, total = setup(free)
         model.forced = forced
         episodes = rollout.rollout(model, tokenizer, examples, retriever, cfg)
         assert all(e.num_searches == cfg.max_turns and sum(e.loss_mask) == total for e in episodes)
+        obs_tokens[retriever] = sum(len(e.loss_mask) - sum(e.loss_mask) for e in episodes) / len(episodes)
         return sum(sum(e.loss_mask) for e in episodes)
+
+    class NoResults:
+        def search(self, queries, topk):
+            return [[] for _ in queries]
+
+    def run_rollout_empty(free: int) -> int:
+        return run_rollout(free, NoResults())
 
     def run_generate(free: int) -> int:
         cfg, total = setup(free)
@@ -146,7 +162,8 @@ def main():
         model.forced = forced
         return naive_rollout(model, tokenizer, prompts, retriever, cfg, cfg.max_new_tokens)
 
-    methods = {"rollout (ours)": run_rollout, "model.generate": run_generate, "naive re-tokenising": run_naive}
+    methods = {"rollout (ours)": run_rollout, "  empty observations": run_rollout_empty,
+               "model.generate": run_generate, "naive re-tokenising": run_naive}
     n_params = sum(p.numel() for p in model.parameters())
     prompt_len = sum(len(tokenizer(p, add_special_tokens=False).input_ids) for p in prompts) / len(prompts)
     cfg, total = setup(args.free)
@@ -163,7 +180,8 @@ def main():
                 start = time.perf_counter()
                 tokens[key] = fn(args.free)
                 best[key] = min(best[key], time.perf_counter() - start)
-    assert len(set(tokens.values())) == 1, tokens  # the same sampled tokens in all three
+    assert len(set(tokens.values())) == 1, tokens  # the same sampled tokens in all
+    print(f"rollout: {obs_tokens[retriever]:.0f} observation tokens per sequence read besides the sampled ones")
     base = tokens["model.generate"] / best["model.generate"]
     print(f"{'method':<22}{'seconds':>9}{'tokens':>8}{'tokens/s':>10}{'vs generate':>13}")
     for key in methods:

@@ -93,6 +93,7 @@ class ScriptedModel(torch.nn.Module):
         self.prompts = [tuple(encode(build_prompt(TOK, q))) for q in scripts]
         self.turns = list(scripts.values())
         self.filler = filler
+        self.generation_config = SimpleNamespace(eos_token_id=[EOS, TOK.pad_token_id])
         self.extend_batch_sizes = []  # rows fed at the start of each turn
 
     def forward(self, input_ids, attention_mask, position_ids, cache, use_cache, logits_to_keep):
@@ -176,6 +177,9 @@ def test_scripted_episodes():
                     dict(finish_reason="answer", answer="Rome", reward=1.0, queries=[], num_invalid=2)),
         "eos": (question("E"), ["x"], [T("hmm, <search> x") + [EOS]], [(None, None)],
                 dict(finish_reason="eos", answer=None, reward=0.0, queries=[])),
+        # the generation_config's other EOS id (Qwen: <|endoftext|> next to <|im_end|>)
+        "eos_config": (question("G"), ["x"], [T("hmm") + [TOK.pad_token_id]], [(None, None)],
+                       dict(finish_reason="eos")),
         "length": (question("F"), ["x"], [T("<search> f1 </search>")],  # then filler: cut at 40 twice
                    [(None, "obs:f1"), (40, "note"), (40, None)],
                    dict(finish_reason="length", answer=None, queries=["f1"], num_invalid=1)),
@@ -232,8 +236,15 @@ def test_scripted_episodes():
     twice = lambda qs: [q for q in qs for _ in "12"]  # noqa: E731
     assert retriever.calls == [(twice(["alpha", "beta", "c1", "f1", "long one", "i1"]), 2),
                                (twice(["gamma", "c2"]), 2)]
-    # One batch per turn, and episodes that ended left it (turn 1: E ended with EOS, I and J hit the context).
-    assert model.extend_batch_sizes == [18, 12, 8]
+    # One batch per turn, and episodes that ended left it (turn 1: E, G ended with EOS, I, J hit the context).
+    assert model.extend_batch_sizes == [20, 12, 8]
+
+
+def test_eos_ids_from_tokenizer_and_generation_config():
+    model = SimpleNamespace(generation_config=SimpleNamespace(eos_token_id=[5, EOS]))
+    assert rollout.eos_token_ids(model, TOK) == {5, EOS}
+    assert rollout.eos_token_ids(SimpleNamespace(generation_config=SimpleNamespace(eos_token_id=9)), TOK) == {9, EOS}
+    assert rollout.eos_token_ids(SimpleNamespace(), TOK) == {EOS}
 
 
 def test_scripted_greedy_is_deterministic_and_seed_independent():
