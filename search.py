@@ -48,6 +48,7 @@ from pathlib import Path
 
 import numpy as np
 import requests
+import urllib3
 
 
 @dataclass
@@ -259,6 +260,9 @@ def build_postings(texts: list[str], chunk: int = 1 << _ROW_BITS):
     return vocab, indptr, doc_ids, tfs, doc_len.astype(np.int32)
 
 
+_BLOCK_CELLS = 1 << 22  # queries scored at once x passages: a (B, N) float64 block of at most 32 MB
+
+
 class BM25Retriever:
     """BM25 over a Search-R1 corpus (see the module docstring for the formula and choices).
 
@@ -338,7 +342,7 @@ class BM25Retriever:
             raise ValueError(f"topk must be a positive int, got {topk!r}")
         n_docs = len(self.passages)
         k = min(topk, n_docs)
-        rows_per_block = max(1, (1 << 22) // n_docs)  # (B, N) float64 block of at most 32 MB
+        rows_per_block = max(1, _BLOCK_CELLS // n_docs)
         results = []
         for i in range(0, len(queries), rows_per_block):
             block = self._score_block(queries[i:i + rows_per_block])  # (B, N)
@@ -416,11 +420,19 @@ class HTTPRetriever:
     def _attempt(self, payload: dict) -> tuple[bytes, int]:
         deadline = time.monotonic() + self.timeout
         with self.session.post(self.url, json=payload, timeout=self.timeout, stream=True) as resp:
+            # read1 returns what one socket read brings (urllib3 >= 2.3), so a server that trickles bytes still
+            # meets the deadline; plain read() would wait to fill the chunk.
+            read = getattr(resp.raw, "read1", None) or resp.raw.read
             chunks = []
-            for piece in resp.iter_content(1 << 16):  # each read waits <= timeout; the whole body <= timeout too
-                chunks.append(piece)
-                if time.monotonic() > deadline:
-                    raise TimeoutError("body still arriving at the deadline")
+            try:
+                while piece := read(1 << 16, decode_content=True):  # each read waits <= timeout
+                    chunks.append(piece)
+                    if time.monotonic() > deadline:
+                        raise TimeoutError("body still arriving at the deadline")
+            except urllib3.exceptions.ReadTimeoutError as e:
+                raise requests.exceptions.Timeout(e) from e
+            except urllib3.exceptions.HTTPError as e:  # reset or cut mid-body
+                raise requests.exceptions.ConnectionError(e) from e
             return b"".join(chunks), resp.status_code
 
 
