@@ -11,20 +11,21 @@ BM25, Lucene's form (as in Pyserini, which Search-R1 uses for BM25, and bm25s' d
     idf(t)      = log(1 + (N - df(t) + 0.5) / (df(t) + 0.5))
 A token repeated in the query counts once per occurrence (as Lucene and bm25s do). Lucene dropped the constant
 (k1 + 1) factor of Robertson's form; the ranking is the same and the scores equal bm25s' for the same tokens.
-  k1 = 0.9, b = 0.4   Pyserini's defaults, the BM25 that Search-R1 reports (bm25s defaults to 1.5/0.75). On the
-                      wiki-18 sample, recall@3 is 58.7 vs 58.2 (NQ, 1,000 questions) and 13.6 vs 14.4 (Bamboogle:
-                      one question of 125); with equal k1/b our results equal bm25s' (bench/bench_search.py).
+  k1 = 0.9, b = 0.4   Pyserini's defaults (Search-R1 serves BM25 through Pyserini); bm25s defaults to 1.5/0.75.
+                      Recall@3 on the wiki-18 sample is about the same either way (bench/bench_search.py).
   tokens              lowercase, split on anything that is not a Unicode letter or digit (`[^\\W_]+`), drop the
-                      33 English stopwords of Lucene's StandardAnalyzer (the list bm25s uses). No stemming: with
-                      these choices recall is already at bm25s' and a stemmer adds a dependency.
+                      33 English stopwords of Lucene's StandardAnalyzer (the list bm25s uses). No stemming (a
+                      dependency, and recall is already at bm25s'). Single letters are kept, as Lucene keeps them
+                      (bm25s' default tokenizer drops them).
 The document is title + text. Ties are broken by corpus order (the lower row wins), so results are
 deterministic; a query with fewer than k matching passages is padded with zero-score passages in corpus order,
 so a search always returns min(k, N) passages, as Search-R1's dense retriever does.
 
-The index is a CSR inverted index in numpy (term -> doc ids and term frequencies), built without a Python loop
-over postings; search scores a batch of queries at once by summing precomputed per-posting weights of the query
-terms with np.bincount into a dense (queries x docs) block. `save(dir)` writes postings.npz + meta.json; passing
-`index_path=dir` loads it instead of re-tokenising a large corpus (it is rebuilt if the corpus changed).
+The index is a CSR inverted index in numpy (term -> ascending doc ids and term frequencies). The build packs
+short ASCII words into integers and sorts them (see build_postings), ~20 CPU-seconds for 1M passages; search
+scores a block of queries at once by summing precomputed per-posting weights of the query terms with np.bincount
+into a dense (queries x docs) array, then takes the top k per row. `save(dir)` writes postings.npz + meta.json;
+`index_path=dir` loads it instead of re-tokenising a large corpus (rebuilt if the corpus or tokenizer changed).
 
 HTTP: `POST /retrieve` with {"queries": [str], "topk": int, "return_scores": bool} answers
 {"result": [[{"document": {"id", "contents"}, "score": float}, ...] per query]}, or [[document, ...]] without
@@ -116,6 +117,9 @@ def _words(text: str) -> list[str]:
 def tokenize(text: str) -> list[str]:
     """BM25 tokens of a text: lowercase letter/digit runs, stopwords dropped. The index build does the same."""
     return [t for t in _words(text) if t not in STOPWORDS]
+
+
+_TOKENIZER = {"tokenizer": _TOKEN_RE.pattern, "stopwords": sorted(STOPWORDS)}  # saved with an index, checked on load
 
 
 def _corpus_fingerprint(passages: list[Passage]) -> str:
@@ -282,14 +286,16 @@ class BM25Retriever:
         fingerprint = _corpus_fingerprint(self.passages) if index_path is not None else None
         if index_path is not None and (Path(index_path) / "meta.json").exists():
             meta = json.loads((Path(index_path) / "meta.json").read_text())
-            if meta.get("fingerprint") == fingerprint and meta.get("n_docs") == len(self.passages):
+            same = {"n_docs": len(self.passages), "fingerprint": fingerprint, **_TOKENIZER}
+            if all(meta.get(k) == v for k, v in same.items()):
                 arrays = np.load(Path(index_path) / "postings.npz")
                 self.vocab_list = meta["vocab"]
                 self.indptr, self.doc_ids = arrays["indptr"], arrays["doc_ids"]
                 self.tfs, self.doc_len = arrays["tfs"], arrays["doc_len"]
                 self.from_index = True
             else:
-                print(f"search.py: index {index_path} was built from another corpus; rebuilding", file=sys.stderr)
+                print(f"search.py: index {index_path} does not match this corpus or tokenizer; rebuilding it",
+                      file=sys.stderr)
         if not self.from_index:
             texts = [f"{p.title}\n{p.text}" for p in self.passages]
             self.vocab_list, self.indptr, self.doc_ids, self.tfs, self.doc_len = build_postings(texts)
@@ -313,9 +319,10 @@ class BM25Retriever:
         """Write the index to directory `path` (postings.npz, meta.json); k1/b are not baked in."""
         path = Path(path)
         path.mkdir(parents=True, exist_ok=True)
+        (path / "meta.json").unlink(missing_ok=True)  # written last: a half-written index is never loaded
         np.savez(path / "postings.npz", indptr=self.indptr, doc_ids=self.doc_ids, tfs=self.tfs, doc_len=self.doc_len)
         meta = {"n_docs": len(self.passages), "fingerprint": _fingerprint or _corpus_fingerprint(self.passages),
-                "tokenizer": _TOKEN_RE.pattern, "stopwords": sorted(STOPWORDS), "vocab": self.vocab_list}
+                **_TOKENIZER, "vocab": self.vocab_list}
         (path / "meta.json").write_text(json.dumps(meta, ensure_ascii=False))
 
     def scores(self, queries: list[str]) -> np.ndarray:
