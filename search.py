@@ -12,7 +12,8 @@ BM25, Lucene's form (as in Pyserini, which Search-R1 uses for BM25, and bm25s' d
 A token repeated in the query counts once per occurrence (as Lucene and bm25s do). Lucene dropped the constant
 (k1 + 1) factor of Robertson's form; the ranking is the same and the scores equal bm25s' for the same tokens.
   k1 = 0.9, b = 0.4   Pyserini's defaults (Search-R1 serves BM25 through Pyserini); bm25s defaults to 1.5/0.75.
-                      Recall@3 on the wiki-18 sample is about the same either way (bench/bench_search.py).
+                      Recall@3 on the wiki-18 sample: NQ 58.7 vs 58.2, Bamboogle 13.6 vs 14.4
+                      (one question of 125); with equal k1/b, bm25s gives our numbers (bench/bench_search.py).
   tokens              lowercase, split on anything that is not a Unicode letter or digit (`[^\\W_]+`), drop the
                       33 English stopwords of Lucene's StandardAnalyzer (the list bm25s uses). No stemming (a
                       dependency, and recall is already at bm25s'). Single letters are kept, as Lucene keeps them
@@ -22,7 +23,7 @@ deterministic; a query with fewer than k matching passages is padded with zero-s
 so a search always returns min(k, N) passages, as Search-R1's dense retriever does.
 
 The index is a CSR inverted index in numpy (term -> ascending doc ids and term frequencies). The build packs
-short ASCII words into integers and sorts them (see build_postings), ~20 CPU-seconds for 1M passages; search
+short ASCII words into integers and sorts them (see build_postings): ~25 CPU-seconds for 1M passages; search
 scores a block of queries at once by summing precomputed per-posting weights of the query terms with np.bincount
 into a dense (queries x docs) array, then takes the top k per row. `save(dir)` writes postings.npz + meta.json;
 `index_path=dir` loads it instead of re-tokenising a large corpus (rebuilt if the corpus or tokenizer changed).

@@ -7,7 +7,9 @@ NQ subset (1,000). Recall@3 = share of questions with a golden answer, SQuAD-nor
 sequence in the normalised title + text of one of the top 3 passages. Queries/second counts query tokenisation and
 top-3 selection, single thread, best of --repeats runs. rank-bm25 (BM25Okapi, our tokens) scores every document in
 Python per query, so it runs on the first --rank-bm25-queries questions of each set only. The last line builds our
-index for a synthetic corpus of Zipf-distributed random words (~60 a passage), wall and CPU seconds.
+index for a synthetic corpus of Zipf-distributed random words (~60 a passage), wall and CPU seconds, then the
+time to load it back from disk, and search speed there (queries of 8 passage words, which include the corpus'
+most frequent words: postings of millions of entries per query, unlike real questions with stopwords removed).
 """
 from __future__ import annotations
 
