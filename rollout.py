@@ -10,8 +10,8 @@ One call rolls out `num_generations` episodes per example, all in one batch. Per
      Sampled ids are kept exactly as sampled (loss_mask 1), the EOS or the token that completed the tag
      included, even if that token carries characters after the tag. The price of the kept cache: a row that
      stops early stays in the batch (masked) until the turn's last row stops, and leaves a hole in the cache;
-     episodes that ended leave the batch between turns. (Re-reading the whole context every turn instead costs
-     4-5x the decoding itself on a CPU, see bench/bench_rollout.py's "naive" line.)
+     episodes that ended leave the batch between turns. (Re-reading the whole context every turn instead, as a
+     loop that re-tokenises text must, is several times slower on a CPU: bench/bench_rollout.py.)
   2. act, on the turn's text only:
        complete <answer> a </answer>  -> done: answer = a, reward = exact_match(a, golden_answers)
        complete <search> q </search>  -> q joins this turn's search batch
@@ -305,7 +305,20 @@ def generate_turn(model, tokenizer, state: KVState | None, pending: list[list[in
 
 
 def rollout(model, tokenizer, examples: list[Example], retriever, cfg: RolloutConfig) -> list[Episode]:
-    """`num_generations` episodes per example (example-major order, group_id = the example's index here)."""
+    """`num_generations` episodes per example (example-major order, group_id = the example's index here).
+
+    The model decodes in eval mode (no dropout; with gradient checkpointing on, a training-mode model would not
+    fill the KV cache) and is put back in the mode it came in.
+    """
+    was_training = model.training
+    model.eval()
+    try:
+        return _rollout(model, tokenizer, examples, retriever, cfg)
+    finally:
+        model.train(was_training)
+
+
+def _rollout(model, tokenizer, examples: list[Example], retriever, cfg: RolloutConfig) -> list[Episode]:
     if cfg.max_new_tokens < 1 or cfg.max_obs_tokens < 1 or cfg.max_turns < 0 or cfg.num_generations < 1:
         raise ValueError(f"bad RolloutConfig: {cfg}")
     greedy = cfg.greedy or cfg.temperature == 0
@@ -376,6 +389,8 @@ def rollout(model, tokenizer, examples: list[Example], retriever, cfg: RolloutCo
         # 3. one retrieval call for every episode waiting on a search
         if waiting:
             results = retriever.search([active[i].queries[-1] for i in waiting], cfg.topk)
+            if len(results) != len(waiting):
+                raise RuntimeError(f"the retriever answered {len(results)} of {len(waiting)} queries")
             obs = observation_ids(tokenizer, [format_observation(p) for p in results], cfg.max_obs_tokens)
             for i, ids in zip(waiting, obs):
                 active[i].num_searches += 1

@@ -240,6 +240,17 @@ def test_scripted_episodes():
     assert model.extend_batch_sizes == [20, 12, 8]
 
 
+def test_retriever_that_drops_queries_is_an_error_and_training_mode_is_restored():
+    class Lossy(FakeRetriever):
+        def search(self, queries, topk):
+            return super().search(queries, topk)[:-1]
+
+    model = ScriptedModel({"Q?": [T("<search> a </search>")]}, T(".")[0]).train()
+    with pytest.raises(RuntimeError, match="answered 0 of 1 queries"):
+        rollout.rollout(model, TOK, [Example("0", "Q?", ["b"])], Lossy(), RolloutConfig(num_generations=1))
+    assert model.training
+
+
 def test_eos_ids_from_tokenizer_and_generation_config():
     model = SimpleNamespace(generation_config=SimpleNamespace(eos_token_id=[5, EOS]))
     assert rollout.eos_token_ids(model, TOK) == {5, EOS}
