@@ -42,6 +42,7 @@ from transformers import AutoModelForCausalLM, AutoTokenizer, PreTrainedTokenize
 
 import data
 import rollout
+import search
 from search import BM25Retriever, parse_corpus_row
 
 # ChatML, as Qwen2.5 writes it (minus Qwen's default system message).
@@ -82,7 +83,7 @@ def recipe_key(recipe: TinyRecipe, world_args: dict) -> str:
     h = hashlib.sha256()
     h.update(repr(sorted(asdict(recipe).items())).encode())
     h.update(repr(sorted(world_args.items())).encode())
-    for module in (data, rollout):
+    for module in (data, rollout, search):
         h.update(inspect.getsource(module).encode())
     h.update(Path(__file__).read_bytes())
     return h.hexdigest()[:16]
