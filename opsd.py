@@ -21,9 +21,9 @@ The method (Search-E1, DESIGN.md "The method" 2-4):
 
    forward KL(teacher || student) over the full vocabulary (fused.forward_kl, no logits materialised), each
    entry's term clipped from above so that rare divergent entries cannot dominate; a clipped entry gives no
-   gradient. clip = 1.0 (train.py's default): a term exceeds 1 only if log(p_T / p_S) > 1 / p_T, i.e. the
-   student gives a token the teacher likes (p_T well above 0.3) less than p_T * e^(-1/p_T) of its mass;
-   ordinary disagreement stays unclipped. None = plain forward KL.
+   gradient. clip = 1.0 (train.py's default): a term exceeds 1 only if p_S < p_T * e^(-1/p_T) (p_T = 1: 0.37,
+   0.5: 0.068, 0.2: 0.0013), i.e. where the student all but rules out a token the teacher is sure of; ordinary
+   disagreement stays unclipped. None = plain forward KL.
 The paper trains a LoRA adapter in this phase; here the whole policy is trained (LoRA is not implemented).
 """
 from __future__ import annotations
@@ -101,7 +101,8 @@ def teacher_prompt_ids(tokenizer, pair: Pair) -> list[int]:
     """The student's question in the normal prompt, with the reference trajectory appended to the user turn."""
     privileged = TEACHER_CONTEXT.format(reference=reference_text(tokenizer, pair.reference))
     prompt = build_prompt(tokenizer, pair.student.example.question, privileged=privileged)
-    return tokenizer(prompt, add_special_tokens=False).input_ids
+    # tokenized as rollout.py tokenizes the student's prompt (special tokens only without a chat template)
+    return tokenizer(prompt, add_special_tokens=not getattr(tokenizer, "chat_template", None)).input_ids
 
 
 # ---------------------------------------------------------------- the loss
