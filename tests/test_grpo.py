@@ -9,7 +9,6 @@ import torch
 import torch.nn.functional as F
 from transformers import Qwen2Config, Qwen2ForCausalLM
 
-import grpo
 from data import Example
 from grpo import compute_advantages, grpo_step, pad_batch, policy_loss
 from rollout import Episode
