@@ -341,7 +341,6 @@ def cmd_run(argv: list[str]) -> int:
 
     import data
     import train
-    from search import BM25Retriever, HTTPRetriever, parse_corpus_row
 
     names = [n.strip() for n in args.benchmarks.split(",") if n.strip()]
     cfg = train.TrainConfig(model=args.model, gguf_file=args.gguf_file, bf16=args.bf16, topk=args.topk,
@@ -358,16 +357,11 @@ def cmd_run(argv: list[str]) -> int:
             else:
                 sets[name] = data.load_qa(find_benchmark_file(Path(args.data_dir), name))
         sets = {k: v[:args.limit] if args.limit else v for k, v in sets.items()}
-        if args.retriever:
-            retriever = HTTPRetriever(args.retriever)
-        elif args.corpus:
-            retriever = BM25Retriever(args.corpus)
-        elif names == ["synthetic"]:
-            retriever = BM25Retriever(passages=[parse_corpus_row(row) for row in world.corpus])
-        else:
+        if not (args.retriever or args.corpus or names == ["synthetic"]):
             raise SystemExit("error: give --corpus FILE (local BM25) or --retriever URL")
     except (OSError, ValueError) as e:
         raise SystemExit(f"error: {e}")
+    retriever = train.make_retriever(args.retriever, args.corpus, world)
     device = torch.device("cuda" if torch.cuda.is_available() else "cpu")
     model, tokenizer = train.load_model(cfg, world, device)
     results = evaluate_sets(model.eval(), tokenizer, sets, retriever, train.rollout_config(cfg, seed=0, greedy=True),

@@ -16,7 +16,7 @@ supervised pass on trajectories written in exactly the rollout format:
 The trajectories are deliberately imperfect, so the starting policy knows the format but is far from good:
 some answer without searching (a guess), some search with a wrong query, some repeat a search. A share of the
 trajectories carries OPSD's privileged context (a reference solution in the prompt, `opsd.TEACHER_CONTEXT`) and
-follows it: a 3B model can read a worked solution in its prompt out of the box; a 2M one has to be shown once.
+follows it: a 3B model can read a worked solution in its prompt out of the box; a 1M one has to be shown.
 
 Status: the recipe below teaches the format (searches, tags, answers) but not yet the copying a correct answer
 needs: measured greedy exact match on the test split is ~0-2% after 375-750 optimizer steps (see the README),
@@ -41,6 +41,7 @@ from tokenizers import AddedToken, Tokenizer, decoders, models, pre_tokenizers, 
 from transformers import AutoModelForCausalLM, AutoTokenizer, PreTrainedTokenizerFast, Qwen2Config, Qwen2ForCausalLM
 
 import data
+import opsd
 import rollout
 import search
 from search import BM25Retriever, parse_corpus_row
@@ -62,7 +63,7 @@ class TinyRecipe:
     num_kv_heads: int = 2
     intermediate_size: int = 384
     max_positions: int = 1024
-    num_trajectories: int = 3000  # warm-start set, one per training question of the world
+    num_trajectories: int = 3000  # warm-start trajectories, on distinct training questions while they last
     p_no_search: float = 0.30  # answer straight away with a guess of the right kind
     p_wrong_query: float = 0.15  # search for the wrong entity, then answer from what came back
     p_extra_search: float = 0.10  # repeat the last search once before answering
@@ -83,7 +84,7 @@ def recipe_key(recipe: TinyRecipe, world_args: dict) -> str:
     h = hashlib.sha256()
     h.update(repr(sorted(asdict(recipe).items())).encode())
     h.update(repr(sorted(world_args.items())).encode())
-    for module in (data, rollout, search):
+    for module in (data, rollout, search, opsd):
         h.update(inspect.getsource(module).encode())
     h.update(Path(__file__).read_bytes())
     return h.hexdigest()[:16]
@@ -163,8 +164,6 @@ def encode_trajectory(tokenizer, prompt: str, segments) -> tuple[list[int], list
 
 def warm_start_data(world, tokenizer, recipe: TinyRecipe) -> list[tuple[list[int], list[int]]]:
     """(token ids, loss mask) of `num_trajectories` warm-start trajectories on the world's training questions."""
-    import opsd  # the privileged-context template lives with the method
-
     rng = random.Random(recipe.seed)
     # Every query a trajectory makes is an entity's name: retrieve them all in one batch.
     titles = [row["contents"].split("\n", 1)[0].strip('"') for row in world.corpus]
@@ -206,11 +205,11 @@ def build_model(tokenizer, recipe: TinyRecipe) -> Qwen2ForCausalLM:
     return Qwen2ForCausalLM(config)
 
 
-def supervised_pass(model, batches_data, recipe: TinyRecipe, log=print) -> list[float]:
+def supervised_pass(model, trajectories, recipe: TinyRecipe, log=print) -> list[float]:
     """Next-token cross-entropy on loss_mask = 1 tokens, AdamW with warmup and cosine decay."""
     g = torch.Generator().manual_seed(recipe.seed)
     opt = torch.optim.AdamW(model.parameters(), lr=recipe.lr, weight_decay=0.01, betas=(0.9, 0.98))
-    n = len(batches_data)
+    n = len(trajectories)
     steps_per_epoch = math.ceil(n / recipe.batch_size)
     total = recipe.epochs * steps_per_epoch
     sched = torch.optim.lr_scheduler.LambdaLR(
@@ -222,18 +221,18 @@ def supervised_pass(model, batches_data, recipe: TinyRecipe, log=print) -> list[
         # Batches of similar lengths (sorted within windows of 16 batches) waste little on padding.
         order = torch.randperm(n, generator=g).tolist()
         window = 16 * recipe.batch_size
-        order = [i for w in range(0, n, window) for i in sorted(order[w:w + window], key=lambda i: len(batches_data[i][0]))]
+        order = [i for w in range(0, n, window) for i in sorted(order[w:w + window], key=lambda i: len(trajectories[i][0]))]
         batches = [order[s:s + recipe.batch_size] for s in range(0, n, recipe.batch_size)]
         for b in torch.randperm(len(batches), generator=g).tolist():
-            batch = [batches_data[i] for i in batches[b]]
+            batch = [trajectories[i] for i in batches[b]]
             T = max(len(ids) for ids, _ in batch)
             input_ids = torch.zeros(len(batch), T, dtype=torch.long)  # (B, T)
             attention = torch.zeros(len(batch), T, dtype=torch.long)  # (B, T)
             labels = torch.full((len(batch), T), -100)  # (B, T)
-            for b, (ids, mask) in enumerate(batch):
-                input_ids[b, :len(ids)] = torch.tensor(ids)
-                attention[b, :len(ids)] = 1
-                labels[b, :len(ids)] = torch.where(torch.tensor(mask) == 1, torch.tensor(ids), -100)
+            for row, (ids, mask) in enumerate(batch):
+                input_ids[row, :len(ids)] = torch.tensor(ids)
+                attention[row, :len(ids)] = 1
+                labels[row, :len(ids)] = torch.where(torch.tensor(mask) == 1, torch.tensor(ids), -100)
             loss = model(input_ids=input_ids, attention_mask=attention, labels=labels).loss
             opt.zero_grad(set_to_none=True)
             loss.backward()

@@ -27,10 +27,9 @@ import os
 import random
 import re
 import shutil
-import sys
 import time
 import typing
-from dataclasses import asdict, dataclass, field
+from dataclasses import asdict, dataclass
 from pathlib import Path
 
 import numpy as np
@@ -43,7 +42,7 @@ import evaluate
 import grpo
 import opsd
 from rollout import RolloutConfig, rollout
-from search import BM25Retriever, HTTPRetriever, load_corpus, parse_corpus_row
+from search import BM25Retriever, HTTPRetriever, parse_corpus_row
 
 
 @dataclass
@@ -133,10 +132,13 @@ def parse_config(argv=None) -> TrainConfig:
     given = {k: v for k, v in vars(parser.parse_args(argv)).items() if v is not None or hints[k] is not bool}
     if given.get("resume"):
         # A resumed run keeps its own config; only the resume path comes from the command line.
+        if set(given) - {"resume"}:
+            raise SystemExit("error: --resume takes no other flags (the run keeps its config.json)")
         path = Path(given["resume"]) / "config.json"
-        if not path.exists():
-            raise SystemExit(f"error: --resume {given['resume']}: no config.json there (not a run folder)")
-        return TrainConfig(**{**json.loads(path.read_text()), "resume": given["resume"]})
+        try:
+            return TrainConfig(**{**json.loads(path.read_text()), "resume": given["resume"]})
+        except (OSError, ValueError, TypeError) as e:
+            raise SystemExit(f"error: --resume {given['resume']}: no readable config.json there ({e})")
     if given.get("model", "tiny") == "tiny":
         given = {**TINY_DEFAULTS, **given}
     return TrainConfig(**given)
@@ -158,9 +160,15 @@ def check_config(cfg: TrainConfig, world_size: int) -> None:
         bad(f"--opsd-students {cfg.opsd_students!r}: choose most_different, incorrect or all")
     if cfg.num_generations < 2:
         bad("--num-generations must be at least 2 (group advantages need siblings)")
-    for name in ("grpo_steps", "num_rounds", "micro_batch_size", "max_new_tokens", "topk", "save_every"):
-        if getattr(cfg, name) < (0 if name in ("grpo_steps", "num_rounds") else 1):
-            bad(f"--{name.replace('_', '-')} must be positive")
+    for name in ("batch_size", "opsd_questions", "opsd_batch_size", "opsd_epochs", "num_iterations", "chunk_size",
+                 "micro_batch_size", "max_new_tokens", "max_obs_tokens", "topk", "save_every"):
+        if getattr(cfg, name) < 1:
+            bad(f"--{name.replace('_', '-')} must be at least 1")
+    for name in ("grpo_steps", "num_rounds", "max_turns"):
+        if getattr(cfg, name) < 0:
+            bad(f"--{name.replace('_', '-')} must not be negative")
+    if cfg.opsd_batch_size % world_size:
+        bad(f"--opsd-batch-size {cfg.opsd_batch_size} is not divisible by the {world_size} processes")
     if cfg.mini_batch_size and (cfg.batch_size * cfg.num_generations) % cfg.mini_batch_size:
         bad(f"--mini-batch-size {cfg.mini_batch_size} does not divide the {cfg.batch_size * cfg.num_generations} "
             "episodes of a step")
@@ -168,6 +176,10 @@ def check_config(cfg: TrainConfig, world_size: int) -> None:
         bad(f"--mini-batch-size {cfg.mini_batch_size} is not divisible by the {world_size} processes")
     if cfg.train_data and not (cfg.corpus or cfg.retriever):
         bad("--train-data needs a retriever: give --corpus FILE (local BM25) or --retriever URL")
+    if bool(cfg.train_data) != bool(cfg.eval_data):
+        bad("--train-data and --eval-data go together (without both, the run uses the synthetic world)")
+    if not cfg.train_data and cfg.corpus:
+        bad("--corpus needs --train-data and --eval-data (the synthetic world brings its own corpus)")
 
 
 def rollout_config(cfg: TrainConfig, *, seed: int, greedy: bool = False) -> RolloutConfig:
@@ -189,7 +201,13 @@ def load_model(cfg: TrainConfig, world, device):
     if cfg.model == "tiny":
         import tiny
 
+        # Under torchrun rank 0 builds (or loads) the cached model first; the others then load it.
+        rank, world_size = int(os.environ.get("RANK", 0)), int(os.environ.get("WORLD_SIZE", 1))
+        if rank != 0 and world_size > 1:
+            dist.barrier()
         model, tokenizer = tiny.load_tiny(world, world_args(cfg), log=tqdm.write)
+        if rank == 0 and world_size > 1:
+            dist.barrier()
     else:
         kwargs = {"gguf_file": cfg.gguf_file} if cfg.gguf_file else {}
         try:
@@ -212,10 +230,25 @@ def world_args(cfg: TrainConfig) -> dict:
     return {"seed": cfg.world_seed, "scale": cfg.world_scale, "num_train": cfg.world_train}
 
 
+def make_retriever(url: str | None, corpus: str | None, world):
+    """HTTP (checked once, so a dead server fails here), BM25 over a corpus file, or BM25 over the world."""
+    if url:
+        retriever = HTTPRetriever(url)
+        try:
+            retriever.search(["health check"], 1)
+        except Exception as e:  # noqa: BLE001 - one clear line, whatever the transport said
+            raise SystemExit(f"error: retriever {url} is not answering: {str(e).splitlines()[0]}")
+        return retriever
+    try:
+        return BM25Retriever(corpus) if corpus else BM25Retriever(passages=[parse_corpus_row(r) for r in world.corpus])
+    except (OSError, ValueError) as e:
+        raise SystemExit(f"error: {e}")
+
+
 def load_data(cfg: TrainConfig):
     """(world or None, train examples, {eval name: examples}, retriever)."""
     world = None
-    if not cfg.train_data or not cfg.eval_data or not (cfg.corpus or cfg.retriever):
+    if not cfg.train_data:
         world = data.make_world(**world_args(cfg))
     try:
         train = data.load_qa(cfg.train_data, split="train") if cfg.train_data else world.train
@@ -232,19 +265,7 @@ def load_data(cfg: TrainConfig):
         evals = {k: v[:cfg.eval_limit] for k, v in evals.items()}
     if not train:
         raise SystemExit(f"error: {cfg.train_data}: no training questions")
-    if cfg.retriever:
-        retriever = HTTPRetriever(cfg.retriever)
-        try:
-            retriever.search(["health check"], 1)
-        except Exception as e:  # noqa: BLE001 - one clear line, whatever the transport said
-            raise SystemExit(f"error: retriever {cfg.retriever} is not answering: {str(e).splitlines()[0]}")
-    elif cfg.corpus:
-        try:
-            retriever = BM25Retriever(cfg.corpus)
-        except (OSError, ValueError) as e:
-            raise SystemExit(f"error: {e}")
-    else:
-        retriever = BM25Retriever(passages=[parse_corpus_row(row) for row in world.corpus])
+    retriever = make_retriever(cfg.retriever, cfg.corpus, world)
     return world, train, evals, retriever
 
 
@@ -339,6 +360,17 @@ def episode_metrics(episodes, prefix="rollout") -> dict:
     }
 
 
+def phase_metrics(steps: list[dict]) -> dict:
+    """OPSD step metrics over the phase: token-weighted means, summed counts (each step's are already global)."""
+    tokens = sum(m["opsd/loss_tokens"] for m in steps)
+    out = {"opsd/loss_tokens": tokens, "opsd/skipped_steps": sum(m["opsd/skipped_steps"] for m in steps),
+           "opsd/optimizer_steps": float(len(steps))}
+    for key in ("opsd/loss", "opsd/kl", "opsd/student_entropy"):
+        out[key] = sum(m[key] * m["opsd/loss_tokens"] for m in steps) / tokens if tokens else 0.0
+    out["opsd/grad_norm"] = sum(m["opsd/grad_norm"] for m in steps) / max(len(steps), 1)
+    return out
+
+
 def max_over_ranks(value: int, world_size: int) -> int:
     if world_size == 1:
         return value
@@ -366,7 +398,8 @@ def main(argv=None) -> dict:
     rank = int(os.environ.get("RANK", 0))
     check_config(cfg, world_size)
     if world_size > 1:
-        dist.init_process_group("nccl" if torch.cuda.is_available() else "gloo")
+        # CPU bookkeeping tensors (metrics, counts) go over gloo beside NCCL.
+        dist.init_process_group("cpu:gloo,cuda:nccl" if torch.cuda.is_available() else "gloo")
     device = torch.device(f"cuda:{int(os.environ.get('LOCAL_RANK', 0))}" if torch.cuda.is_available() else "cpu")
     if device.type == "cuda":
         torch.cuda.set_device(device)
@@ -383,23 +416,26 @@ def main(argv=None) -> dict:
     ref_model = copy.deepcopy(policy).eval().requires_grad_(False) if cfg.beta > 0 else None
     optimizer = torch.optim.AdamW(policy.parameters(), lr=cfg.lr, weight_decay=cfg.weight_decay)
 
-    if cfg.resume:
-        run_dir = Path(cfg.resume)
-    else:
-        run_dir = Path(cfg.output_dir) / (cfg.run_name or time.strftime("%Y%m%d-%H%M%S"))
-        if main_process:
-            if (run_dir / "config.json").exists():
-                raise SystemExit(f"error: {run_dir} already holds a run (use --resume {run_dir} or another --run-name)")
+    # Rank 0 names the run folder (a timestamp) and checks it; every rank gets the same folder or the same error.
+    run_dir, error = Path(cfg.resume or Path(cfg.output_dir) / (cfg.run_name or time.strftime("%Y%m%d-%H%M%S"))), None
+    if main_process and not cfg.resume:
+        if (run_dir / "config.json").exists():
+            error = f"error: {run_dir} already holds a run (use --resume {run_dir} or another --run-name)"
+        else:
             run_dir.mkdir(parents=True, exist_ok=True)
             (run_dir / "config.json").write_text(json.dumps(asdict(cfg), indent=2))
     if world_size > 1:
-        dist.barrier()  # the run folder exists before any rank writes into it
+        shared = [run_dir, error]
+        dist.broadcast_object_list(shared, src=0)
+        run_dir, error = shared
+    if error:
+        raise SystemExit(error)
     next_unit, keep_lines, results = 0, 0, {}
     ckpt = find_checkpoint(run_dir) if cfg.resume else None
     if ckpt is not None:
         from safetensors.torch import load_file
 
-        state = torch.load(ckpt / "trainer_state.pt", weights_only=False)
+        state = torch.load(ckpt / "trainer_state.pt", map_location="cpu", weights_only=False)
         weights = load_file(ckpt / "model.safetensors", device=str(device))
         missing, unexpected = policy.load_state_dict(weights, strict=False)
         if unexpected or set(missing) - {"lm_head.weight"}:  # a tied lm_head is saved once, as the embedding
@@ -408,8 +444,6 @@ def main(argv=None) -> dict:
         random.setstate(state["rng"]["python"]), np.random.set_state(state["rng"]["numpy"])
         torch.set_rng_state(state["rng"]["torch"])
         next_unit, keep_lines, results = state["next_unit"], state["metrics_lines"], state["results"]
-    elif cfg.resume:
-        keep_lines = 0  # killed before the first checkpoint: start over
     log = MetricsLog(run_dir / "metrics.jsonl", keep_lines if cfg.resume else None) if main_process else None
 
     say("config: " + json.dumps(asdict(cfg)))
@@ -435,44 +469,42 @@ def main(argv=None) -> dict:
         bar.set_description(f"round {rnd + 1}/{cfg.num_rounds} {phase}")
         t0 = time.time()
         seed = unit_seed(cfg, index, rank)
-        policy.train()
+        policy.train()  # rollouts switch to eval mode and back; training with gradient checkpointing needs train()
         if phase == "grpo":
             # 1. rollout on this rank's shard of the step's questions (G samples each)
             global_step = rnd * cfg.grpo_steps + step
             questions = draw_questions(train_examples, cfg.batch_size, cfg.seed, global_step * cfg.batch_size)
             with torch.no_grad():
-                episodes = rollout(policy.eval(), tokenizer, shard(questions, rank, world_size), retriever,
+                episodes = rollout(policy, tokenizer, shard(questions, rank, world_size), retriever,
                                    rollout_config(cfg, seed=seed))
             if cfg.save_rollouts:
                 save_rollouts(run_dir / "rollouts" / f"unit{index:05d}-rank{rank}.jsonl", episodes)
             # 2-5. reward is set by the rollout (exact match); advantages, old/ref log-probs and the update
-            policy.train()
             metrics = all_mean(episode_metrics(episodes), world_size)
             metrics |= grpo.grpo_step(policy, ref_model, optimizer, episodes, rank_cfg)
         elif phase == "opsd":
-            # Fresh on-policy samples on questions the GRPO stream has not reached yet in this round.
-            questions = draw_questions(train_examples, cfg.opsd_questions, cfg.seed + 1, rnd * cfg.opsd_questions)
+            # Fresh on-policy samples, drawn from the stream beyond everything the GRPO steps take.
+            offset = (cfg.num_rounds * cfg.grpo_steps + rnd) * cfg.batch_size + rnd * cfg.opsd_questions
+            questions = draw_questions(train_examples, cfg.opsd_questions, cfg.seed, offset)
             with torch.no_grad():
-                episodes = rollout(policy.eval(), tokenizer, shard(questions, rank, world_size), retriever,
+                episodes = rollout(policy, tokenizer, shard(questions, rank, world_size), retriever,
                                    rollout_config(cfg, seed=seed))
             pairs, mined = opsd.mine_pairs(episodes, students=cfg.opsd_students)
             teacher = copy.deepcopy(policy).eval().requires_grad_(False)  # frozen at the start of the phase
             opt = torch.optim.AdamW(policy.parameters(), lr=cfg.opsd_lr or cfg.lr, weight_decay=cfg.weight_decay)
             metrics = all_mean(episode_metrics(episodes, prefix="opsd_rollout"), world_size)
-            metrics |= {f"opsd/{k}": v for k, v in mined.items()}
+            metrics |= all_mean({f"opsd/{k}": v for k, v in mined.items()}, world_size)
             metrics["opsd/kl_before"] = opsd.opsd_kl(policy, teacher, pairs, tokenizer, cfg)
             # Every rank takes the same number of optimizer steps (gradients are all-reduced), some maybe empty.
             per_rank = max(cfg.opsd_batch_size // world_size, 1)
             num_steps = -(-max_over_ranks(len(pairs), world_size) // per_rank)
-            rng, sums = random.Random(seed), {}
+            rng, steps = random.Random(seed), []
             for _ in range(cfg.opsd_epochs):
                 order = rng.sample(pairs, len(pairs))
                 for i in range(num_steps):
-                    step_metrics = opsd.opsd_step(policy, teacher, opt, order[i * per_rank:(i + 1) * per_rank],
-                                                  tokenizer, cfg)
-                    for k, v in step_metrics.items():
-                        sums[k] = sums.get(k, 0.0) + float(v)
-            metrics |= {k: v / max(num_steps * cfg.opsd_epochs, 1) for k, v in sums.items()}
+                    steps.append(opsd.opsd_step(policy, teacher, opt, order[i * per_rank:(i + 1) * per_rank],
+                                                tokenizer, cfg))
+            metrics |= phase_metrics(steps)
             metrics["opsd/kl_after"] = opsd.opsd_kl(policy, teacher, pairs, tokenizer, cfg)
             del teacher, opt
         else:  # eval
