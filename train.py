@@ -69,8 +69,8 @@ class TrainConfig:
     max_new_tokens: int = 500  # per turn
     max_obs_tokens: int = 500  # retrieved text per search, in tokens
     max_context_tokens: int = 4096  # prompt + response
-    temperature: float = 1.0
-    top_p: float = 1.0
+    temperature: float = 1.0  # sampling temperature of training rollouts (evaluation is greedy)
+    top_p: float = 1.0  # nucleus mass of training rollouts
     # --- schedule
     num_rounds: int = 2  # GRPO -> OPSD rounds (the paper: 2)
     grpo_steps: int = 100  # GRPO updates per round
@@ -80,7 +80,7 @@ class TrainConfig:
     opsd_batch_size: int = 64  # pairs per OPSD optimizer step
     # --- GRPO (grpo.py)
     lr: float = 1e-6  # Search-R1: 1e-6
-    weight_decay: float = 0.01
+    weight_decay: float = 0.01  # AdamW
     beta: float = 0.001  # k3 KL coefficient to the initial model (0 = no reference model)
     epsilon: float = 0.2  # PPO clip
     epsilon_high: float | None = None  # upper clip (DAPO); None = epsilon
@@ -90,7 +90,7 @@ class TrainConfig:
     num_iterations: int = 1  # passes over each rollout batch (TRL's mu)
     mini_batch_size: int | None = 1280  # episodes per optimizer step, all processes (0 or None = whole batch; Search-R1: 256 x 5)
     micro_batch_size: int = 8  # episodes per forward/backward
-    max_grad_norm: float = 1.0
+    max_grad_norm: float = 1.0  # gradient clipping
     chunk_size: int = 1024  # rows of hidden states per lm_head chunk in the fused log-prob / KL
     # --- OPSD (opsd.py)
     opsd: bool = True  # run the OPSD phase after each GRPO phase (--no-opsd: GRPO only, the ablation)
@@ -98,9 +98,9 @@ class TrainConfig:
     opsd_clip: float | None = 1.0  # upper clip of each vocabulary entry's KL term (None = off)
     opsd_students: str = "most_different"  # most_different | incorrect | all
     # --- plumbing
-    output_dir: str = "runs"
+    output_dir: str = "runs"  # run folders go here
     run_name: str | None = None  # None = a timestamp
-    seed: int = 0
+    seed: int = 0  # data order and rollout sampling
     save_every: int = 10  # GRPO steps between checkpoints (and after every phase)
     resume: str | None = None  # a run folder to continue
     save_rollouts: bool = False  # write every GRPO step's episodes to RUN/rollouts/ (token ids, masks, rewards)

@@ -20,7 +20,8 @@ SHORT = ["--num-rounds", "1", "--grpo-steps", "2", "--batch-size", "4", "--opsd-
 
 def run_train(args, tmp_path, env=None, check=True, **kw):
     env = {**os.environ, "HF_HUB_OFFLINE": "1", **(env or {})}
-    proc = subprocess.run([sys.executable, str(ROOT / "train.py"), "--output-dir", str(tmp_path), *args],
+    where = [] if "--resume" in args else ["--output-dir", str(tmp_path)]  # a resumed run keeps its config
+    proc = subprocess.run([sys.executable, str(ROOT / "train.py"), *where, *args],
                           capture_output=True, text=True, env=env, cwd=ROOT, timeout=600, **kw)
     if check and proc.returncode != 0:
         raise AssertionError(f"train.py failed ({proc.returncode}):\n{proc.stderr[-3000:]}")
