@@ -57,6 +57,13 @@ def test_short_run_writes_a_complete_run_folder(tmp_path):
     model = AutoModelForCausalLM.from_pretrained(run_dir / "checkpoint")
     assert all(torch.isfinite(p).all() for p in model.parameters())
 
+    # The picture of the run: a real PNG (matplotlib is a dev requirement).
+    plot = subprocess.run([sys.executable, str(ROOT / "evaluate.py"), "plot", str(run_dir)],
+                          capture_output=True, text=True, cwd=ROOT, timeout=120)
+    assert plot.returncode == 0, plot.stderr
+    png = (run_dir / "curves.png").read_bytes()
+    assert png[:8] == b"\x89PNG\r\n\x1a\n" and len(png) > 20_000
+
 
 def test_sigkill_then_resume_matches_an_uninterrupted_run(tmp_path):
     run_train([*SHORT, "--run-name", "straight"], tmp_path)
