@@ -248,7 +248,7 @@ def make_retriever(url: str | None, corpus: str | None, world):
 def load_data(cfg: TrainConfig):
     """(world or None, train examples, {eval name: examples}, retriever)."""
     world = None
-    if not cfg.train_data:
+    if not cfg.train_data or cfg.model == "tiny":  # the tiny model's tokenizer is trained on the world
         world = data.make_world(**world_args(cfg))
     try:
         train = data.load_qa(cfg.train_data, split="train") if cfg.train_data else world.train

@@ -95,7 +95,8 @@ def test_resume_of_a_run_killed_before_its_first_checkpoint_starts_over(tmp_path
 
 
 @pytest.mark.parametrize("args, env, message", [
-    (["--train-data", "/nonexistent/train.jsonl", "--corpus", "/nonexistent/c.jsonl"], {}, "/nonexistent/train.jsonl"),
+    (["--train-data", "/nonexistent/train.jsonl", "--eval-data", "/nonexistent/test.jsonl", "--corpus",
+      "/nonexistent/c.jsonl"], {}, "/nonexistent/train.jsonl"),
     (["--model", "no-such-org/no-such-model"], {}, "no-such-org/no-such-model"),
     (["--retriever", "http://127.0.0.1:9/retrieve"], {}, "127.0.0.1:9"),
     (["--batch-size", "5"], {"WORLD_SIZE": "2"}, "not divisible"),
@@ -115,7 +116,8 @@ def test_malformed_data_file_names_file_and_line(tmp_path):
     bad.write_text('{"id": "1", "question": "q?", "golden_answers": ["a"]}\n{not json\n')
     corpus = tmp_path / "corpus.jsonl"
     corpus.write_text('{"id": "0", "contents": "\\"T\\"\\ntext"}\n')
-    proc = run_train(["--train-data", str(bad), "--corpus", str(corpus), "--run-name", "bad"], tmp_path, check=False)
+    proc = run_train(["--train-data", str(bad), "--eval-data", str(bad), "--corpus", str(corpus), "--run-name", "bad"],
+                     tmp_path, check=False)
     last = proc.stderr.strip().splitlines()[-1]
     assert proc.returncode != 0 and last.startswith("error:") and "bad.jsonl" in last and "2" in last, proc.stderr
 
@@ -123,19 +125,30 @@ def test_malformed_data_file_names_file_and_line(tmp_path):
 def test_torchrun_two_processes_match_one_process_on_the_same_global_batch(tmp_path):
     """Two gloo ranks each roll out half the questions; after one GRPO update their parameters equal those of
     one process updating on the union of both ranks' episodes."""
+    import data
+    import train
+
+    # Questions whose gold answers are every name and year of the world (and the prompt's example answer, which
+    # the barely trained test model likes to copy): an answer of the right form scores, a missing one does not,
+    # so groups have mixed rewards and the update is not zero.
+    world = data.make_world(**train.world_args(train.parse_config([])))
+    paths = data.write_world(world, tmp_path / "world")
+    golds = sorted({e.golden_answers[0] for e in world.train + world.test} | {"Beijing"})
+    qa = tmp_path / "qa.jsonl"
+    qa.write_text("".join(json.dumps({"id": e.id, "question": e.question, "golden_answers": golds}) + "\n"
+                          for e in world.train[:8]))
     args = ["--num-rounds", "1", "--grpo-steps", "1", "--batch-size", "4", "--no-opsd", "--eval-limit", "4",
+            "--train-data", str(qa), "--eval-data", str(qa), "--corpus", str(paths["corpus"]),
             "--save-rollouts", "--run-name", "ddp", "--output-dir", str(tmp_path)]
     env = {**os.environ, "HF_HUB_OFFLINE": "1", "OMP_NUM_THREADS": "1"}
-    proc = subprocess.run([sys.executable, "-m", "torch.distributed.run", "--nproc_per_node", "2",
-                           "--master_port", "0", str(ROOT / "train.py"), *args],
+    proc = subprocess.run([sys.executable, "-m", "torch.distributed.run", "--standalone",
+                           "--nproc_per_node", "2", str(ROOT / "train.py"), *args],
                           capture_output=True, text=True, env=env, cwd=ROOT, timeout=600)
     assert proc.returncode == 0, proc.stderr[-3000:]
     run_dir = tmp_path / "ddp"
 
-    import data
     import grpo
     import tiny
-    import train
     from data import Example
     from rollout import Episode
 
@@ -147,6 +160,7 @@ def test_torchrun_two_processes_match_one_process_on_the_same_global_batch(tmp_p
             row["group_id"] += 1000 * rank  # group ids are rank-local
             episodes.append(Episode(**row))
     assert len(episodes) == 4 * 5
+    assert 0 < sum(e.reward for e in episodes) < len(episodes)
     cfg = train.parse_config(args)
     model, _ = tiny.load_tiny(data.make_world(**train.world_args(cfg)), train.world_args(cfg))
     ref = __import__("copy").deepcopy(model).eval().requires_grad_(False)
