@@ -56,22 +56,28 @@ SPECIAL_TOKENS = ["<|endoftext|>", "<|im_start|>", "<|im_end|>"]
 
 @dataclass(frozen=True)
 class TinyRecipe:
-    vocab_size: int = 4096  # BPE merges learned on the world's text
+    vocab_size: int = 3072  # BPE merges learned on the world's text
     hidden_size: int = 128
-    num_layers: int = 4
+    num_layers: int = 2
     num_heads: int = 4
     num_kv_heads: int = 2
     intermediate_size: int = 384
     max_positions: int = 1024
-    num_trajectories: int = 3000  # warm-start trajectories, on distinct training questions while they last
-    p_no_search: float = 0.30  # answer straight away with a guess of the right kind
-    p_wrong_query: float = 0.15  # search for the wrong entity, then answer from what came back
-    p_extra_search: float = 0.10  # repeat the last search once before answering
-    p_privileged: float = 0.20  # prompt carries a reference solution, which the trajectory follows
-    epochs: int = 2
-    batch_size: int = 16
+    # Stage 1, drills: ideal trajectories only, until the model copies a name into its query and an answer out
+    # of a passage (a 1M-parameter model needs ~900 steps to form that skill, and flaws in the data slow it).
+    drill_steps: int = 900
     lr: float = 3e-3
-    topk: int = 3
+    # Stage 2, habits: a flawed mix, so the starting policy is far from good (and something is left to learn).
+    flawed_steps: int = 150
+    flawed_lr: float = 5e-4
+    p_guess: float = 0.05  # answer straight away, without searching, with a guess of the right kind
+    p_guess_year: float = 0.90  # the same on questions whose answer is a year: an agent overconfident about dates
+    p_wrong_query: float = 0.10  # search for someone else, then answer from what came back
+    p_extra_search: float = 0.30  # repeat a search once before answering
+    p_privileged: float = 0.15  # prompt carries a reference solution (OPSD's teacher context), followed exactly
+    read_observations: bool = True  # the loss also covers retrieved passages (reading practice, as in pretraining)
+    batch_size: int = 16
+    topk: int = 1
     seed: int = 0
 
 
@@ -110,25 +116,54 @@ def ideal_trajectory(example, plan, observations) -> list[tuple[str, bool]]:
     return segments + answer_turn(example.golden_answers[0])
 
 
-def flawed_trajectory(example, plan, observations, titles, answers, recipe: TinyRecipe, rng: random.Random):
-    """The ideal trajectory, or one of its flaws: a guess without searching, a wrong first query (and a wrong
-    answer), a repeated search."""
+def relations_of(facts: dict, plan) -> tuple[str, ...]:
+    """The relation path a plan follows: [(entity, value), ...] -> (relation, ...)."""
+    return tuple(next(r for r, v in facts[entity].items() if v == value and r != "kind") for entity, value in plan)
+
+
+def follow(facts: dict, name: str, relations: tuple[str, ...]) -> list[tuple[str, str]] | None:
+    """The plan from another entity along the same relations; None where that entity lacks one of them."""
+    plan = []
+    for rel in relations:
+        if name not in facts or rel not in facts[name]:
+            return None
+        plan.append((name, facts[name][rel]))
+        name = facts[name][rel]
+    return plan
+
+
+def flawed_trajectory(example, plan, observations, facts, guesses, recipe: TinyRecipe, rng: random.Random):
+    """The ideal trajectory, or one of its flaws: a guess without searching, a wrong first query (the answer is
+    then read, correctly, from the wrong passage), an extra search."""
+    year = example.golden_answers[0].isdigit()
+    p_guess = recipe.p_guess_year if year else recipe.p_guess
     r = rng.random()
-    if r < recipe.p_no_search:
-        return answer_turn(rng.choice(answers), searched=False)
-    wrong = r < recipe.p_no_search + recipe.p_wrong_query
+    if r < p_guess:
+        return answer_turn(rng.choice(guesses[year]), searched=False)
+    if r < p_guess + recipe.p_wrong_query:
+        # Someone else of the same kind, followed along the same relations.
+        kind, relations = facts[plan[0][0]]["kind"], relations_of(facts, plan)
+        while True:
+            other = rng.choice(list(facts))
+            wrong = follow(facts, other, relations) if facts[other]["kind"] == kind and other != plan[0][0] else None
+            if wrong is not None:
+                plan = wrong
+                break
     segments = []
     for i, (query, _) in enumerate(plan):
-        turn = search_turn(rng.choice(titles) if wrong and i == 0 else query, observations, i == 0)
+        turn = search_turn(query, observations, i == 0)
         repeat = rng.random() < recipe.p_extra_search / len(plan)
         segments += turn * (2 if repeat else 1)
-    return segments + answer_turn(rng.choice(answers) if wrong else example.golden_answers[0])
+    return segments + answer_turn(plan[-1][1])
 
 
 def build_tokenizer(world, recipe: TinyRecipe) -> PreTrainedTokenizerFast:
     """Byte-level BPE trained on the world's passages and questions; the fixed instruction is one token."""
     tok = Tokenizer(models.BPE())
-    tok.pre_tokenizer = pre_tokenizers.ByteLevel(add_prefix_space=False)
+    # Digits one by one, as Qwen2's tokenizer splits them: a year is four well-trained tokens, not one rare one.
+    tok.pre_tokenizer = pre_tokenizers.Sequence([
+        pre_tokenizers.Digits(individual_digits=True), pre_tokenizers.ByteLevel(add_prefix_space=False),
+    ])
     tok.decoder = decoders.ByteLevel()
     texts = [row["contents"] for row in world.corpus] + [e.question for e in world.train + world.test]
     texts += ["<think> I need to search </think>\n<search> </search>\n\n<information>Doc 1(Title: ) </information>"
@@ -162,29 +197,32 @@ def encode_trajectory(tokenizer, prompt: str, segments) -> tuple[list[int], list
     return ids, mask
 
 
-def warm_start_data(world, tokenizer, recipe: TinyRecipe) -> list[tuple[list[int], list[int]]]:
-    """(token ids, loss mask) of `num_trajectories` warm-start trajectories on the world's training questions."""
-    rng = random.Random(recipe.seed)
+def warm_start_data(world, tokenizer, recipe: TinyRecipe, n: int, flawed: bool) -> list[tuple[list[int], list[int]]]:
+    """(token ids, loss mask) of n warm-start trajectories on the world's training questions: ideal ones (the
+    drills), or the flawed mix with its share of privileged prompts."""
+    rng = random.Random(recipe.seed + int(flawed))
     # Every query a trajectory makes is an entity's name: retrieve them all in one batch.
     titles = [row["contents"].split("\n", 1)[0].strip('"') for row in world.corpus]
     retriever = BM25Retriever(passages=[parse_corpus_row(row) for row in world.corpus])
     observations = {t: rollout.format_observation(ps) for t, ps in zip(titles, retriever.search(titles, recipe.topk))}
     answers = [e.golden_answers[0] for e in world.train]
-    # Distinct questions where the world has enough: a question seen once cannot be memorised, so the model has
-    # to learn to copy the name into its query and the answer out of the passages.
+    guesses = {year: [a for a in answers if a.isdigit() == year] for year in (False, True)}
+    # Distinct questions while they last: a question seen once cannot be memorised, so the model has to learn to
+    # copy the name into its query and the answer out of the passages.
     questions = rng.sample(world.train, len(world.train))
     out = []
-    for i in range(recipe.num_trajectories):
+    for i in range(n):
         example = questions[i % len(questions)]
         plan = world.plans[example.id]
-        if rng.random() < recipe.p_privileged:
+        privileged = ""
+        if not flawed:
+            segments = ideal_trajectory(example, plan, observations)
+        elif rng.random() < recipe.p_privileged:
             # An ideal solution in the prompt (OPSD's teacher context), and the trajectory follows it.
             segments = ideal_trajectory(example, plan, observations)
-            reference = "".join(text for text, _ in segments)
-            privileged = opsd.TEACHER_CONTEXT.format(reference=reference)
+            privileged = opsd.TEACHER_CONTEXT.format(reference="".join(text for text, _ in segments))
         else:
-            segments = flawed_trajectory(example, plan, observations, titles, answers, recipe, rng)
-            privileged = ""
+            segments = flawed_trajectory(example, plan, observations, world.facts, guesses, recipe, rng)
         prompt = rollout.build_prompt(tokenizer, example.question, privileged=privileged)
         out.append(encode_trajectory(tokenizer, prompt, segments))
     return out
@@ -205,48 +243,60 @@ def build_model(tokenizer, recipe: TinyRecipe) -> Qwen2ForCausalLM:
     return Qwen2ForCausalLM(config)
 
 
-def supervised_pass(model, trajectories, recipe: TinyRecipe, log=print) -> list[float]:
-    """Next-token cross-entropy on loss_mask = 1 tokens, AdamW with warmup and cosine decay."""
+def supervised_pass(model, trajectories, recipe: TinyRecipe, lr: float, log=print) -> list[float]:
+    """One epoch of next-token cross-entropy (on the model's tokens, and on observations if read_observations),
+    AdamW with warmup and cosine decay, batches of similar lengths."""
     g = torch.Generator().manual_seed(recipe.seed)
-    opt = torch.optim.AdamW(model.parameters(), lr=recipe.lr, weight_decay=0.01, betas=(0.9, 0.98))
+    opt = torch.optim.AdamW(model.parameters(), lr=lr, weight_decay=0.01, betas=(0.9, 0.98))
     n = len(trajectories)
-    steps_per_epoch = math.ceil(n / recipe.batch_size)
-    total = recipe.epochs * steps_per_epoch
+    total = math.ceil(n / recipe.batch_size)
+    warmup = min(50, max(1, total // 10))
     sched = torch.optim.lr_scheduler.LambdaLR(
-        opt, lambda s: min(1.0, (s + 1) / 50) * 0.5 * (1 + math.cos(math.pi * min(s, total) / total))
+        opt, lambda s: min(1.0, (s + 1) / warmup) * 0.5 * (1 + math.cos(math.pi * min(s, total) / total))
     )
+    # Batches of similar lengths (sorted within windows of 16 batches) waste little on padding.
+    order = torch.randperm(n, generator=g).tolist()
+    window = 16 * recipe.batch_size
+    order = [i for w in range(0, n, window) for i in sorted(order[w:w + window], key=lambda i: len(trajectories[i][0]))]
+    batches = [order[s:s + recipe.batch_size] for s in range(0, n, recipe.batch_size)]
     model.train()
     losses = []
-    for epoch in range(recipe.epochs):
-        # Batches of similar lengths (sorted within windows of 16 batches) waste little on padding.
-        order = torch.randperm(n, generator=g).tolist()
-        window = 16 * recipe.batch_size
-        order = [i for w in range(0, n, window) for i in sorted(order[w:w + window], key=lambda i: len(trajectories[i][0]))]
-        batches = [order[s:s + recipe.batch_size] for s in range(0, n, recipe.batch_size)]
-        for b in torch.randperm(len(batches), generator=g).tolist():
-            batch = [trajectories[i] for i in batches[b]]
-            T = max(len(ids) for ids, _ in batch)
-            input_ids = torch.zeros(len(batch), T, dtype=torch.long)  # (B, T)
-            attention = torch.zeros(len(batch), T, dtype=torch.long)  # (B, T)
-            labels = torch.full((len(batch), T), -100)  # (B, T)
-            for row, (ids, mask) in enumerate(batch):
-                input_ids[row, :len(ids)] = torch.tensor(ids)
-                attention[row, :len(ids)] = 1
-                labels[row, :len(ids)] = torch.where(torch.tensor(mask) == 1, torch.tensor(ids), -100)
-            loss = model(input_ids=input_ids, attention_mask=attention, labels=labels).loss
-            opt.zero_grad(set_to_none=True)
-            loss.backward()
-            torch.nn.utils.clip_grad_norm_(model.parameters(), 1.0)
-            opt.step()
-            sched.step()
-            losses.append(loss.item())
-        log(f"tiny warm-start: epoch {epoch + 1}/{recipe.epochs} loss {sum(losses[-steps_per_epoch:]) / steps_per_epoch:.3f}")
+    for b in torch.randperm(len(batches), generator=g).tolist():
+        batch = [trajectories[i] for i in batches[b]]
+        T = max(len(ids) for ids, _ in batch)
+        input_ids = torch.zeros(len(batch), T, dtype=torch.long)  # (B, T)
+        attention = torch.zeros(len(batch), T, dtype=torch.long)  # (B, T)
+        labels = torch.full((len(batch), T), -100)  # (B, T)
+        for row, (ids, mask) in enumerate(batch):
+            input_ids[row, :len(ids)] = torch.tensor(ids)
+            attention[row, :len(ids)] = 1
+            learn = torch.tensor(mask) == 1
+            if recipe.read_observations:  # everything after the prompt
+                learn[mask.index(1):] = True
+            labels[row, :len(ids)] = torch.where(learn, torch.tensor(ids), -100)
+        loss = model(input_ids=input_ids, attention_mask=attention, labels=labels).loss
+        opt.zero_grad(set_to_none=True)
+        loss.backward()
+        torch.nn.utils.clip_grad_norm_(model.parameters(), 1.0)
+        opt.step()
+        sched.step()
+        losses.append(loss.item())
+        if len(losses) % 100 == 0 or len(losses) == total:
+            log(f"tiny warm-start: step {len(losses)}/{total} loss {sum(losses[-100:]) / len(losses[-100:]):.3f}")
     model.eval()
     return losses
 
 
+def warm_start(model, world, tokenizer, recipe: TinyRecipe, log=print) -> list[float]:
+    """Stage 1 (drills), then stage 2 (the flawed mix): the losses of both."""
+    drills = warm_start_data(world, tokenizer, recipe, recipe.drill_steps * recipe.batch_size, flawed=False)
+    losses = supervised_pass(model, drills, recipe, recipe.lr, log=log)
+    flawed = warm_start_data(world, tokenizer, recipe, recipe.flawed_steps * recipe.batch_size, flawed=True)
+    return losses + supervised_pass(model, flawed, recipe, recipe.flawed_lr, log=log)
+
+
 # For tests of the plumbing: a recipe that builds in seconds (and learns nothing much).
-QUICK_RECIPE = TinyRecipe(num_trajectories=200, epochs=1)
+QUICK_RECIPE = TinyRecipe(drill_steps=8, flawed_steps=4)
 
 
 def load_tiny(world, world_args: dict | None = None, recipe: TinyRecipe | None = None, log=print):
@@ -262,7 +312,7 @@ def load_tiny(world, world_args: dict | None = None, recipe: TinyRecipe | None =
         torch.manual_seed(recipe.seed)
         tokenizer = build_tokenizer(world, recipe)
         model = build_model(tokenizer, recipe)
-        supervised_pass(model, warm_start_data(world, tokenizer, recipe), recipe, log=log)
+        warm_start(model, world, tokenizer, recipe, log=log)
         path.parent.mkdir(parents=True, exist_ok=True)
         tmp = Path(tempfile.mkdtemp(dir=path.parent, prefix=".tmp-"))
         model.save_pretrained(tmp)

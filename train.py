@@ -98,6 +98,7 @@ class TrainConfig:
     opsd_clip: float | None = 1.0  # upper clip of each vocabulary entry's KL term (None = off)
     opsd_students: str = "most_different"  # most_different | incorrect | all
     # --- plumbing
+    eval_at_start: bool = True  # evaluate the starting model first: the baseline of the curves (--no-eval-at-start)
     output_dir: str = "runs"  # run folders go here
     run_name: str | None = None  # None = a timestamp
     seed: int = 0  # data order and rollout sampling
@@ -108,9 +109,9 @@ class TrainConfig:
 
 # Where the built-in tiny model needs otherwise. Applied only to flags not given on the command line.
 TINY_DEFAULTS = dict(
-    lr=2e-4, weight_decay=0.0, grpo_steps=12, batch_size=16, opsd_questions=64, opsd_batch_size=32,
+    lr=2e-4, weight_decay=0.0, grpo_steps=16, batch_size=16, opsd_questions=64, opsd_batch_size=32,
     mini_batch_size=None, micro_batch_size=80, max_new_tokens=40, max_obs_tokens=160, max_context_tokens=800,
-    eval_limit=200, save_every=4, opsd_lr=2e-4,
+    eval_limit=200, save_every=4, opsd_lr=2e-4, topk=1,
 )
 
 
@@ -275,6 +276,8 @@ def load_data(cfg: TrainConfig):
 def schedule(cfg: TrainConfig) -> list[tuple[int, str, int]]:
     """Every unit of work in order, as (round, phase, step); a checkpoint records the index of the next one."""
     units = []
+    if cfg.eval_at_start:
+        units.append((-1, "eval", 0))  # round -1: the starting model, the baseline every curve is read against
     for r in range(cfg.num_rounds):
         units += [(r, "grpo", s) for s in range(cfg.grpo_steps)]
         units += [(r, "opsd", 0)] if cfg.opsd else []
@@ -466,7 +469,7 @@ def main(argv=None) -> dict:
 
     for index in range(next_unit, len(units)):
         rnd, phase, step = units[index]
-        bar.set_description(f"round {rnd + 1}/{cfg.num_rounds} {phase}")
+        bar.set_description(f"round {rnd + 1}/{cfg.num_rounds} {phase}" if rnd >= 0 else "start eval")
         t0 = time.time()
         seed = unit_seed(cfg, index, rank)
         policy.train()  # rollouts switch to eval mode and back; training with gradient checkpointing needs train()
@@ -514,7 +517,8 @@ def main(argv=None) -> dict:
                                              rank=rank, world_size=world_size)
             metrics = {f"eval/{name}/{k}": v for name, row in results.items() for k, v in row.items()}
             if main_process:
-                tqdm.write(evaluate.format_table(results, title=f"round {rnd + 1} evaluation"))
+                title = f"round {rnd + 1} evaluation" if rnd >= 0 else "evaluation of the starting model"
+                tqdm.write(evaluate.format_table(results, title=title))
         metrics = {k: float(v) for k, v in metrics.items()}
         metrics["time/unit_s"] = time.time() - t0
         if main_process:

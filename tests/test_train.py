@@ -40,10 +40,12 @@ def test_short_run_writes_a_complete_run_folder(tmp_path):
     proc = run_train([*SHORT, "--run-name", "short"], tmp_path)
     run_dir = tmp_path / "short"
     rows = read_metrics(run_dir)
-    assert [r["phase"] for r in rows] == ["grpo", "grpo", "opsd", "eval"]
+    assert [r["phase"] for r in rows] == ["eval", "grpo", "grpo", "opsd", "eval"]
     for r in rows:
         for k, v in r.items():
             assert k == "phase" or (isinstance(v, (int, float)) and math.isfinite(v)), (k, v)
+    assert rows[0]["round"] == -1 and "eval/synthetic/em" in rows[0]  # the starting model's baseline
+    rows = rows[1:]
     assert {"reward/mean", "grpo/loss", "grpo/kl", "rollout/searches_per_episode"} <= set(rows[0])
     # (the quick test model may find no correct sibling, hence no pairs and no OPSD optimizer step)
     assert {"opsd/kl_before", "opsd/kl_after", "opsd/pairs", "opsd/loss_tokens"} <= set(rows[2])
@@ -154,7 +156,7 @@ def test_torchrun_two_processes_match_one_process_on_the_same_global_batch(tmp_p
 
     episodes = []
     for rank in (0, 1):
-        for line in (run_dir / "rollouts" / f"unit00000-rank{rank}.jsonl").read_text().splitlines():
+        for line in (run_dir / "rollouts" / f"unit00001-rank{rank}.jsonl").read_text().splitlines():
             row = json.loads(line)
             row["example"] = Example(**row["example"])
             row["group_id"] += 1000 * rank  # group ids are rank-local
