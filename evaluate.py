@@ -2,7 +2,7 @@
 
     python evaluate.py --model runs/NAME/checkpoint --data-dir ../shared/data --benchmarks nq,bamboogle \
         --corpus ../shared/data/corpus/wiki18_sample.jsonl --limit 100    # greedy episodes, the paper's table
-    python evaluate.py --model tiny --benchmarks synthetic                # the built-in testbed
+    python evaluate.py --model tiny --benchmarks synthetic --topk 1 --max-new-tokens 40   # the testbed's start
     python evaluate.py score ../shared/data/searchr1_eval/*.jsonl    # rows with "final_response", "golden_answers"
     python evaluate.py plot runs/NAME                                # RUN/curves.png: reward, EM, searches, KL
 

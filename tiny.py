@@ -2,8 +2,8 @@
 
 A random tiny model never answers correctly, so GRPO would see only zero advantages and OPSD no correct sibling.
 `load_tiny(world)` instead returns a ~1M-parameter Qwen2 (the real `Qwen2ForCausalLM` class, so every code path
-is the one a 3B run takes) whose tokenizer is trained in-process on the synthetic world, warm-started by a short
-supervised pass on trajectories written in exactly the rollout format:
+is the one a 3B run takes) whose tokenizer is trained in-process on the synthetic world, warm-started by two short
+supervised passes on trajectories written in exactly the rollout format:
 
     <think> I need to search NAME. </think>
     <search> NAME </search>
@@ -13,15 +13,24 @@ supervised pass on trajectories written in exactly the rollout format:
     <think> I found the answer. </think>
     <answer> ANSWER </answer><|im_end|>
 
-The trajectories are deliberately imperfect, so the starting policy knows the format but is far from good:
-some answer without searching (a guess), some search with a wrong query, some repeat a search. A share of the
-trajectories carries OPSD's privileged context (a reference solution in the prompt, `opsd.TEACHER_CONTEXT`) and
-follows it: a 3B model can read a worked solution in its prompt out of the box; a 1M one has to be shown.
+The warm start has two stages (`warm_start`), both next-token cross-entropy on the model's tokens and, as
+reading practice, on the retrieved passages:
 
-Status: the recipe below teaches the format (searches, tags, answers) but not yet the copying a correct answer
-needs: measured greedy exact match on the test split is ~0-2% after 375-750 optimizer steps (see the README),
-short of the 20-50% band this testbed aims for. Built once (a few minutes on 2 cores) and cached under `$SEARCH_E1_CACHE` (default ~/.cache/search-e1),
-keyed by a hash of this recipe, the world's generator and the rollout format, so any change rebuilds it.
+1. drills: ideal trajectories only (search the question's entity, read the answer out of Doc 1; two searches for
+   two-hop questions). A 1M-parameter model needs ~900 steps to learn the two copy operations a correct answer
+   takes (name into the query, answer out of the passage); flaws in the data slow that down, so none here.
+2. habits: a short pass at a lower learning rate on a deliberately flawed mix, so the starting policy knows the
+   format but is far from good: it guesses year questions without searching 90% of the time (an agent
+   overconfident about dates) and other questions 5%; 10% search for someone else and answer, correctly, from
+   the wrong passage; about 30% repeat a search. 15% carry OPSD's privileged context (a reference solution in the
+   prompt, `opsd.TEACHER_CONTEXT`) and follow it: a 3B model reads a worked solution out of the box, a 1M one
+   has to be shown.
+
+Measured results (the starting exact match, what GRPO does with it) are in the README, "The built-in testbed".
+The tokenizer splits numbers into digits, as Qwen2's does, so a year is four well-trained tokens; the world's
+names come out as single tokens. Built once (~3 minutes on 2 cores) and cached under `$SEARCH_E1_CACHE` (default
+~/.cache/search-e1), keyed by a hash of this recipe, the world's generator and the rollout format, so any change
+rebuilds it.
     python -c "import data, tiny; tiny.load_tiny(data.make_world())"
 """
 from __future__ import annotations
@@ -65,16 +74,16 @@ class TinyRecipe:
     max_positions: int = 1024
     # Stage 1, drills: ideal trajectories only, until the model copies a name into its query and an answer out
     # of a passage (a 1M-parameter model needs ~900 steps to form that skill, and flaws in the data slow it).
-    drill_steps: int = 900
-    lr: float = 3e-3
+    drill_steps: int = 900  # optimizer steps of batch_size trajectories
+    lr: float = 3e-3  # peak learning rate of the drills (warmup, then cosine decay to 0)
     # Stage 2, habits: a flawed mix, so the starting policy is far from good (and something is left to learn).
-    flawed_steps: int = 150
-    flawed_lr: float = 5e-4
+    flawed_steps: int = 150  # optimizer steps of batch_size trajectories
+    flawed_lr: float = 5e-4  # peak learning rate of the habits: low, so the drilled skill survives
     p_guess: float = 0.05  # answer straight away, without searching, with a guess of the right kind
     p_guess_year: float = 0.90  # the same on questions whose answer is a year: an agent overconfident about dates
-    p_wrong_query: float = 0.10  # search for someone else, then answer from what came back
+    p_wrong_query: float = 0.10  # of the searching trajectories: search for someone else, then answer from what came back
     p_extra_search: float = 0.30  # repeat a search once before answering
-    p_privileged: float = 0.15  # prompt carries a reference solution (OPSD's teacher context), followed exactly
+    p_privileged: float = 0.15  # of all: prompt carries a reference solution (OPSD's teacher context), followed exactly
     read_observations: bool = True  # the loss also covers retrieved passages (reading practice, as in pretraining)
     batch_size: int = 16
     topk: int = 1
@@ -136,23 +145,18 @@ def flawed_trajectory(example, plan, observations, facts, guesses, recipe: TinyR
     """The ideal trajectory, or one of its flaws: a guess without searching, a wrong first query (the answer is
     then read, correctly, from the wrong passage), an extra search."""
     year = example.golden_answers[0].isdigit()
-    p_guess = recipe.p_guess_year if year else recipe.p_guess
-    r = rng.random()
-    if r < p_guess:
+    if rng.random() < (recipe.p_guess_year if year else recipe.p_guess):
         return answer_turn(rng.choice(guesses[year]), searched=False)
-    if r < p_guess + recipe.p_wrong_query:
-        # Someone else of the same kind, followed along the same relations.
-        kind, relations = facts[plan[0][0]]["kind"], relations_of(facts, plan)
-        while True:
-            other = rng.choice(list(facts))
-            wrong = follow(facts, other, relations) if facts[other]["kind"] == kind and other != plan[0][0] else None
-            if wrong is not None:
-                plan = wrong
-                break
+    if rng.random() < recipe.p_wrong_query:
+        # Someone else of the same kind, followed along the same relations (if the world has anyone).
+        first, relations = plan[0][0], relations_of(facts, plan)
+        others = [other for name, f in facts.items() if f["kind"] == facts[first]["kind"] and name != first
+                  and (other := follow(facts, name, relations))]
+        plan = rng.choice(others) if others else plan
     segments = []
     for i, (query, _) in enumerate(plan):
         turn = search_turn(query, observations, i == 0)
-        repeat = rng.random() < recipe.p_extra_search / len(plan)
+        repeat = rng.random() < recipe.p_extra_search / len(plan)  # about p_extra_search per trajectory
         segments += turn * (2 if repeat else 1)
     return segments + answer_turn(plan[-1][1])
 
@@ -197,18 +201,23 @@ def encode_trajectory(tokenizer, prompt: str, segments) -> tuple[list[int], list
     return ids, mask
 
 
-def warm_start_data(world, tokenizer, recipe: TinyRecipe, n: int, flawed: bool) -> list[tuple[list[int], list[int]]]:
+def title_observations(world, topk: int) -> dict[str, str]:
+    """Every query a trajectory makes is an entity's name: the observation for each, retrieved in one batch."""
+    titles = [row["contents"].split("\n", 1)[0].strip('"') for row in world.corpus]
+    retriever = BM25Retriever(passages=[parse_corpus_row(row) for row in world.corpus])
+    return {t: rollout.format_observation(ps) for t, ps in zip(titles, retriever.search(titles, topk))}
+
+
+def warm_start_data(world, tokenizer, recipe: TinyRecipe, n: int, flawed: bool,
+                    observations: dict[str, str] | None = None) -> list[tuple[list[int], list[int]]]:
     """(token ids, loss mask) of n warm-start trajectories on the world's training questions: ideal ones (the
     drills), or the flawed mix with its share of privileged prompts."""
     rng = random.Random(recipe.seed + int(flawed))
-    # Every query a trajectory makes is an entity's name: retrieve them all in one batch.
-    titles = [row["contents"].split("\n", 1)[0].strip('"') for row in world.corpus]
-    retriever = BM25Retriever(passages=[parse_corpus_row(row) for row in world.corpus])
-    observations = {t: rollout.format_observation(ps) for t, ps in zip(titles, retriever.search(titles, recipe.topk))}
+    observations = observations or title_observations(world, recipe.topk)
     answers = [e.golden_answers[0] for e in world.train]
     guesses = {year: [a for a in answers if a.isdigit() == year] for year in (False, True)}
-    # Distinct questions while they last: a question seen once cannot be memorised, so the model has to learn to
-    # copy the name into its query and the answer out of the passages.
+    # Each question in turn, so none is seen much more often than the others: with thousands of distinct
+    # questions, memorising answers loses to copying them out of the passages.
     questions = rng.sample(world.train, len(world.train))
     out = []
     for i in range(n):
@@ -243,9 +252,11 @@ def build_model(tokenizer, recipe: TinyRecipe) -> Qwen2ForCausalLM:
     return Qwen2ForCausalLM(config)
 
 
-def supervised_pass(model, trajectories, recipe: TinyRecipe, lr: float, log=print) -> list[float]:
+def supervised_pass(model, trajectories, recipe: TinyRecipe, lr: float, stage: str = "", log=print) -> list[float]:
     """One epoch of next-token cross-entropy (on the model's tokens, and on observations if read_observations),
     AdamW with warmup and cosine decay, batches of similar lengths."""
+    if not trajectories:
+        return []
     g = torch.Generator().manual_seed(recipe.seed)
     opt = torch.optim.AdamW(model.parameters(), lr=lr, weight_decay=0.01, betas=(0.9, 0.98))
     n = len(trajectories)
@@ -282,17 +293,18 @@ def supervised_pass(model, trajectories, recipe: TinyRecipe, lr: float, log=prin
         sched.step()
         losses.append(loss.item())
         if len(losses) % 100 == 0 or len(losses) == total:
-            log(f"tiny warm-start: step {len(losses)}/{total} loss {sum(losses[-100:]) / len(losses[-100:]):.3f}")
+            log(f"tiny warm-start {stage}: step {len(losses)}/{total} loss {sum(losses[-100:]) / len(losses[-100:]):.3f}")
     model.eval()
     return losses
 
 
 def warm_start(model, world, tokenizer, recipe: TinyRecipe, log=print) -> list[float]:
     """Stage 1 (drills), then stage 2 (the flawed mix): the losses of both."""
-    drills = warm_start_data(world, tokenizer, recipe, recipe.drill_steps * recipe.batch_size, flawed=False)
-    losses = supervised_pass(model, drills, recipe, recipe.lr, log=log)
-    flawed = warm_start_data(world, tokenizer, recipe, recipe.flawed_steps * recipe.batch_size, flawed=True)
-    return losses + supervised_pass(model, flawed, recipe, recipe.flawed_lr, log=log)
+    observations = title_observations(world, recipe.topk)
+    drills = warm_start_data(world, tokenizer, recipe, recipe.drill_steps * recipe.batch_size, False, observations)
+    losses = supervised_pass(model, drills, recipe, recipe.lr, "drills", log=log)
+    flawed = warm_start_data(world, tokenizer, recipe, recipe.flawed_steps * recipe.batch_size, True, observations)
+    return losses + supervised_pass(model, flawed, recipe, recipe.flawed_lr, "habits", log=log)
 
 
 # For tests of the plumbing: a recipe that builds in seconds (and learns nothing much).

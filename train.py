@@ -6,7 +6,8 @@
     torchrun --nproc_per_node 8 train.py ...             # one rank per GPU (gloo on CPU)
     python train.py --resume runs/NAME                  # continue a killed run from its last checkpoint
 
-The loop, per round (the paper runs 2):
+The loop: an evaluation of the starting model (round -1, the baseline; --no-eval-at-start skips it), then per
+round (the paper runs 2):
   GRPO phase, `grpo_steps` steps:  1 rollout  -> 2 reward (exact match) -> 3 group advantage
                                    -> 4 old/ref log-probs -> 5 clipped policy update  (grpo.py)
   OPSD phase: roll out the current policy on fresh training questions, mine (student, reference) sibling pairs,
@@ -111,7 +112,7 @@ class TrainConfig:
 TINY_DEFAULTS = dict(
     lr=2e-4, weight_decay=0.0, grpo_steps=16, batch_size=16, opsd_questions=64, opsd_batch_size=32,
     mini_batch_size=None, micro_batch_size=80, max_new_tokens=40, max_obs_tokens=160, max_context_tokens=800,
-    eval_limit=200, save_every=4, opsd_lr=2e-4, topk=1,
+    eval_limit=200, save_every=4, opsd_lr=2e-4, topk=1,  # topk: the passages tiny.py warm-starts on
 )
 
 
@@ -137,7 +138,8 @@ def parse_config(argv=None) -> TrainConfig:
             raise SystemExit("error: --resume takes no other flags (the run keeps its config.json)")
         path = Path(given["resume"]) / "config.json"
         try:
-            return TrainConfig(**{**json.loads(path.read_text()), "resume": given["resume"]})
+            # (runs from before eval_at_start existed have no baseline unit in their schedule)
+            return TrainConfig(**{"eval_at_start": False, **json.loads(path.read_text()), "resume": given["resume"]})
         except (OSError, ValueError, TypeError) as e:
             raise SystemExit(f"error: --resume {given['resume']}: no readable config.json there ({e})")
     if given.get("model", "tiny") == "tiny":
@@ -471,7 +473,7 @@ def main(argv=None) -> dict:
         rnd, phase, step = units[index]
         bar.set_description(f"round {rnd + 1}/{cfg.num_rounds} {phase}" if rnd >= 0 else "start eval")
         t0 = time.time()
-        seed = unit_seed(cfg, index, rank)
+        seed = unit_seed(cfg, index - cfg.eval_at_start, rank)  # the same with or without the baseline unit
         policy.train()  # rollouts switch to eval mode and back; training with gradient checkpointing needs train()
         if phase == "grpo":
             # 1. rollout on this rank's shard of the step's questions (G samples each)
@@ -527,7 +529,8 @@ def main(argv=None) -> dict:
                      "opsd_kl": "opsd/kl_after", "em": "eval/" + next(iter(eval_sets)) + "/em"}
             bar.set_postfix({name: f"{metrics[k]:.3f}" for name, k in shown.items() if k in metrics})
         bar.update(1)
-        if phase != "grpo" or (step + 1) % cfg.save_every == 0 or index == len(units) - 1:
+        # (the baseline evaluation is cheap to redo: no checkpoint of the unchanged model)
+        if rnd >= 0 and (phase != "grpo" or (step + 1) % cfg.save_every == 0) or index == len(units) - 1:
             checkpoint(index + 1)
     bar.close()
 

@@ -1,14 +1,18 @@
 """The built-in tiny model (testbed plumbing): tokenizer, warm-start data and determinism."""
 import dataclasses
+import os
 
+import pytest
 import torch
 
 import data
 import opsd
 import rollout
 import tiny
+import train
+from search import BM25Retriever, parse_corpus_row
 
-RECIPE = dataclasses.replace(tiny.TinyRecipe(), num_trajectories=24, epochs=1, batch_size=8)
+RECIPE = dataclasses.replace(tiny.TinyRecipe(), drill_steps=3, flawed_steps=3, batch_size=8)
 
 
 def test_warm_start_is_deterministic_under_a_seed():
@@ -17,7 +21,7 @@ def test_warm_start_is_deterministic_under_a_seed():
     for _ in range(2):
         tokenizer = tiny.build_tokenizer(world, RECIPE)
         model = tiny.build_model(tokenizer, RECIPE)
-        losses = tiny.supervised_pass(model, tiny.warm_start_data(world, tokenizer, RECIPE), RECIPE, log=lambda *_: None)
+        losses = tiny.warm_start(model, world, tokenizer, RECIPE, log=lambda *_: None)
         models.append((model.state_dict(), losses))
     (a, la), (b, lb) = models
     assert la == lb
@@ -31,7 +35,11 @@ def test_trajectories_are_in_the_rollout_format_with_masks_from_provenance():
     tokenizer = tiny.build_tokenizer(world, RECIPE)
     instruction = rollout.INSTRUCTION.split("{question}")[0]
     assert len(tokenizer(instruction, add_special_tokens=False).input_ids) == 1  # the boilerplate is one token
-    for ids, mask in tiny.warm_start_data(world, tokenizer, RECIPE):
+    trajectories = tiny.warm_start_data(world, tokenizer, RECIPE, 400, flawed=True)
+    drills = tiny.warm_start_data(world, tokenizer, RECIPE, 50, flawed=False)
+    assert not any("I think I know this" in tokenizer.decode(ids) for ids, _ in drills)  # drills are ideal
+    guessed = {True: [], False: []}
+    for ids, mask in trajectories:
         assert len(ids) == len(mask) and mask[-1] == 1 and ids[-1] == tokenizer.eos_token_id
         text = tokenizer.decode(ids)
         trained = tokenizer.decode([t for t, m in zip(ids, mask) if m])
@@ -41,6 +49,10 @@ def test_trajectories_are_in_the_rollout_format_with_masks_from_provenance():
             assert "\n\n<information>Doc 1(Title: " in text
         if opsd.TEACHER_CONTEXT.split("{reference}")[0] in text:  # privileged prompts follow their reference
             assert "I think I know this" not in trained
+        else:
+            guessed["which year" in text].append("I think I know this" in trained)
+    # The flaws as the recipe draws them: years guessed ~90% of the time, other questions ~5%.
+    assert sum(guessed[True]) / len(guessed[True]) > 0.75 and sum(guessed[False]) / len(guessed[False]) < 0.15
 
 
 def test_cache_key_changes_with_recipe_and_world():
@@ -48,3 +60,28 @@ def test_cache_key_changes_with_recipe_and_world():
     assert base == tiny.recipe_key(RECIPE, {"seed": 0})
     assert base != tiny.recipe_key(dataclasses.replace(RECIPE, lr=1e-3), {"seed": 0})
     assert base != tiny.recipe_key(RECIPE, {"seed": 1})
+
+
+def test_numbers_are_split_into_digits_and_names_are_single_tokens():
+    world = data.make_world(seed=0)
+    tokenizer = tiny.build_tokenizer(world, RECIPE)
+    assert tokenizer.tokenize(" 1946") == ["Ġ", "1", "9", "4", "6"]  # as Qwen2 splits numbers
+    name = world.test[0].golden_answers[0] if not world.test[0].golden_answers[0].isdigit() else world.plans[world.test[0].id][0][0]
+    assert all(len(tokenizer.tokenize(" " + word)) == 1 for word in name.split())
+
+
+@pytest.mark.skipif(os.environ.get("SEARCH_E1_SKIP_SLOW") == "1", reason="builds the full tiny model (~3 min)")
+def test_warm_started_model_lands_in_the_target_band():
+    """The default recipe, built as `python train.py` builds it (cached under $SEARCH_E1_CACHE): greedy exact match
+    on the synthetic test split within 20-50%, with year questions mostly guessed and the rest searched."""
+    cfg = train.parse_config([])
+    world = data.make_world(**train.world_args(cfg))
+    model, tokenizer = tiny.load_tiny(world, train.world_args(cfg), recipe=tiny.TinyRecipe(), log=lambda *_: None)
+    retriever = BM25Retriever(passages=[parse_corpus_row(row) for row in world.corpus])
+    episodes = rollout.rollout(model, tokenizer, world.test[:cfg.eval_limit], retriever,
+                               train.rollout_config(cfg, seed=0, greedy=True))
+    em = sum(e.reward for e in episodes) / len(episodes)
+    assert 0.20 <= em <= 0.50, em
+    year = [e.num_searches > 0 for e in episodes if e.example.golden_answers[0].isdigit()]
+    other = [e.num_searches > 0 for e in episodes if not e.example.golden_answers[0].isdigit()]
+    assert sum(year) / len(year) < 0.5 < sum(other) / len(other)  # room for RL: searching pays on year questions
