@@ -10,7 +10,6 @@ import opsd
 import rollout
 import tiny
 import train
-from search import BM25Retriever, parse_corpus_row
 
 RECIPE = dataclasses.replace(tiny.TinyRecipe(), drill_steps=3, flawed_steps=3, batch_size=8)
 
@@ -77,7 +76,7 @@ def test_warm_started_model_lands_in_the_target_band():
     cfg = train.parse_config([])
     world = data.make_world(**train.world_args(cfg))
     model, tokenizer = tiny.load_tiny(world, train.world_args(cfg), recipe=tiny.TinyRecipe(), log=lambda *_: None)
-    retriever = BM25Retriever(passages=[parse_corpus_row(row) for row in world.corpus])
+    retriever = train.make_retriever(None, None, world)
     episodes = rollout.rollout(model, tokenizer, world.test[:cfg.eval_limit], retriever,
                                train.rollout_config(cfg, seed=0, greedy=True))
     em = sum(e.reward for e in episodes) / len(episodes)
