@@ -1,7 +1,10 @@
-"""Retrieval for the search agent: passages, BM25 over a local corpus, and Search-R1's HTTP API (client and server).
+"""Retrieval for the search agent: passages, BM25 and dense (e5) retrieval over a local corpus, and Search-R1's HTTP
+API (client and server).
 
     python search.py serve --corpus ../shared/data/corpus/wiki18_sample.jsonl --port 8000 [--index runs/bm25]
     python search.py query --corpus ../shared/data/corpus/wiki18_sample.jsonl --topk 3 "who wrote the iliad"
+    python search.py index --dense intfloat/e5-base-v2 --corpus wiki-18.jsonl [--embeddings wiki-18.e5.npy]
+    python search.py serve --dense intfloat/e5-base-v2 --corpus wiki-18.jsonl [--embeddings FILE] [--faiss-index FILE]
 
 Passages come from a Search-R1 corpus jsonl, rows {"id", "contents"} with contents = '"Title"\\ntext' (the title
 is the first line, quotes kept). The agent sees them as Search-R1's `Doc i(Title: t) text` lines.
@@ -29,6 +32,25 @@ scores a block of queries at once by summing precomputed per-posting weights of 
 into a dense (queries x docs) array, then takes the top k per row. `save(dir)` writes postings.npz + meta.json;
 `index_path=dir` loads it instead of re-tokenising a large corpus (rebuilt if the corpus or tokenizer changed).
 
+Dense retrieval, Search-R1's e5 recipe (search_r1/search/retrieval_server.py `Encoder`, index_builder.py):
+    query q -> "query: " + q,  passage -> "passage: " + its corpus row's `contents` ('"Title"\ntext', exactly)
+    e(x)    = normalize(sum_t m_t h_t(x) / sum_t m_t)   h: the encoder's last hidden states, m: attention mask,
+                                                        at most max_length = 256 tokens, padded to the batch's longest
+    score   = <e(q), e(p)>  (cosine), top-k by exact inner product
+  The prefixes, pooling (mean | cls | pooler), normalisation and max length are settings, e5's by default; the model
+  runs in fp16 on a GPU (Search-R1 serves e5 in fp16) and fp32 on a CPU. Deviation: we pool in fp32 (Search-R1
+  pools the fp16 states in fp16), a change far below the fp16 rounding of the stored embeddings. So our vectors are
+  interchangeable with Search-R1's and FlashRAG's `e5_Flat.index`, which a server can load (--faiss-index).
+  Passage embeddings are stored once, fp16 (N x d x 2 bytes: 32 GB for wiki-18 with e5-base), as a .npy that is
+  memory-mapped, with a .json beside it: the recipe, a sha1 of every id and text, and the encode's progress (it
+  resumes). A file of another corpus or recipe is refused, and so is one made by another model (a few passages
+  are re-encoded on load and must agree, cosine >= 0.99). Exact search (exact_topk) multiplies the queries by the
+  embeddings in chunks of 65,536 rows (fp16 -> fp32 per chunk, fp32 products: FAISS IndexFlatIP's numbers),
+  split over every GPU, else on the CPU straight from the memory map; ties go to the lower corpus row. A query's
+  embedding depends on its batch's padding only by float rounding (~1e-7). FAISS (optional, faiss-cpu) searches
+  an index file instead (--faiss-index), or builds an approximate one (`index --faiss-build HNSW32`) and reports
+  its recall against exact search.
+
 HTTP: `POST /retrieve` with {"queries": [str], "topk": int, "return_scores": bool} answers
 {"result": [[{"document": {"id", "contents"}, "score": float}, ...] per query]}, or [[document, ...]] without
 scores; `GET /health` answers {"status": "ok", "passages": N}. The server validates every request and answers 4xx
@@ -37,12 +59,15 @@ with {"error": message}; idle or stalled connections are dropped after `timeout`
 from __future__ import annotations
 
 import argparse
+import copy
 import dataclasses
 import hashlib
 import http.server
 import json
+import os
 import re
 import sys
+import threading
 import time
 from collections import defaultdict
 from dataclasses import dataclass
@@ -370,6 +395,354 @@ class BM25Retriever:
         return results
 
 
+# ---------------------------------------------------------------- dense retrieval (Search-R1's e5 recipe)
+
+# torch and transformers are imported where they are used: BM25 users (and `search.py serve` over BM25) start in
+# 0.6 s instead of 3 s. FAISS is optional (requirements-dense.txt).
+E5_QUERY_PREFIX, E5_PASSAGE_PREFIX = "query: ", "passage: "  # Search-R1 Encoder.encode / index_builder, for "e5"
+_EMBEDDINGS_FORMAT = 1  # version of the .npy + .json pair written by DenseRetriever
+_PROBE_ROWS = 4  # passages re-encoded on load to check that the saved embeddings came from this model
+_PROBE_COSINE = 0.99  # fp16 on a GPU vs fp32 on a CPU agree to ~0.9999; another model does not come close
+_SAVE_EVERY_ROWS = 1 << 17  # embeddings flushed and progress recorded this often: an interrupted encode resumes
+POOLINGS = ("mean", "cls", "pooler")  # Search-R1's pooling methods (e5 and contriever: mean; bge: cls)
+
+
+def faiss_module():
+    """The faiss package, or ImportError with the pip command (FAISS is optional)."""
+    try:
+        import faiss
+    except ImportError:
+        raise ImportError("FAISS is not installed: pip install faiss-cpu (or faiss-gpu-cu12), see "
+                          "requirements-dense.txt; exact search (no --faiss-index) needs only torch") from None
+    return faiss
+
+
+def pool(last_hidden_state, attention_mask, pooling: str = "mean", pooler_output=None):
+    """Sentence embeddings (B, d) float32 from token states (B, T, d): Search-R1's `pooling` (mean | cls | pooler)."""
+    if pooling == "mean":  # masked mean over the real tokens, padding excluded
+        hidden = last_hidden_state.float().masked_fill(~attention_mask[..., None].bool(), 0.0)  # (B, T, d)
+        return hidden.sum(dim=1) / attention_mask.sum(dim=1, keepdim=True)  # (B, d)
+    if pooling == "cls":
+        return last_hidden_state[:, 0].float()  # (B, d)
+    if pooling == "pooler":
+        if pooler_output is None:
+            raise ValueError("--pooling pooler: this model has no pooler output")
+        return pooler_output.float()  # (B, d)
+    raise ValueError(f"--pooling must be one of {', '.join(POOLINGS)}, got {pooling!r}")
+
+
+def tokenize_batch(tokenizer, texts: list[str], prefix: str, max_length: int) -> dict:
+    """Search-R1's tokenizer call: prefix + text, padded to the longest, truncated to max_length tokens."""
+    return tokenizer([prefix + t for t in texts], max_length=max_length, padding=True, truncation=True,
+                     return_tensors="pt")
+
+
+def embed_batch(model, batch: dict, pooling: str = "mean", normalize: bool = True):
+    """Embeddings (B, d) float32 of a tokenized batch: forward, pooling, L2 normalisation (Search-R1: all but DPR)."""
+    import torch
+    device = next(model.parameters()).device
+    batch = {k: v.to(device) for k, v in batch.items()}
+    with torch.inference_mode():
+        out = model(**batch)
+        emb = pool(out.last_hidden_state, batch["attention_mask"], pooling, getattr(out, "pooler_output", None))
+        return torch.nn.functional.normalize(emb, dim=-1) if normalize else emb  # (B, d)
+
+
+def _topk_lowest_ties(scores, k: int):
+    """Top-k columns per row of scores (B, C), as (values, columns) with columns ascending: exact ties at the k-th
+    score go to the lowest columns (torch.topk picks among ties arbitrarily)."""
+    values, cols = scores.topk(k, dim=1)  # (B, k)
+    cut = values[:, -1:]  # (B, 1) the k-th score
+    crowded = (scores >= cut).sum(dim=1) > k  # (B,) rows whose k-th score is shared by a column topk left out
+    if crowded.any():
+        rows = crowded.nonzero().squeeze(1)
+        s, c = scores[rows], cut[rows]  # (R, C), (R, 1)
+        above, tie = s > c, s == c
+        need = k - above.sum(dim=1, keepdim=True)  # (R, 1) ties to take, the lowest columns first
+        keep = above | (tie & (tie.cumsum(dim=1) <= need))  # (R, C) exactly k per row
+        cols[rows] = keep.nonzero()[:, 1].view(len(rows), k)
+    cols = cols.sort(dim=1).values  # (B, k)
+    return scores.gather(1, cols), cols
+
+
+def exact_topk(queries, shards, k: int, chunk_size: int = 1 << 16):
+    """Exact inner-product top-k of query embeddings (B, d) over a corpus held as contiguous row blocks `shards`
+    (fp16 torch tensors on GPUs, or one fp16 numpy array / memmap on the CPU), chunk_size rows at a time.
+
+    Scores are fp32 dot products of the fp16-stored vectors (as FAISS IndexFlatIP over the same vectors in fp32);
+    best first, exact ties to the lower corpus row. Returns (scores (B, k) float32, rows (B, k) int64), numpy.
+    """
+    import torch
+    queries = torch.as_tensor(queries, dtype=torch.float32)  # (B, d)
+    cand_scores, cand_rows, first = [], [], 0
+    for shard in shards:
+        on_torch = torch.is_tensor(shard)
+        q = queries.to(shard.device) if on_torch else queries  # (B, d)
+        for i in range(0, len(shard), chunk_size):
+            block = shard[i:i + chunk_size]
+            block = block.float() if on_torch else torch.from_numpy(np.asarray(block, dtype=np.float32))  # (C, d)
+            values, cols = _topk_lowest_ties(q @ block.T, min(k, len(block)))  # (B, k')
+            cand_scores.append(values)
+            cand_rows.append(cols + (first + i))
+        first += len(shard)
+    # Candidates of all chunks, in row order: a stable sort by score keeps the lower row first among equal scores.
+    scores = torch.cat([s.cpu() for s in cand_scores], dim=1)  # (B, chunks * k)
+    rows = torch.cat([r.cpu() for r in cand_rows], dim=1)  # (B, chunks * k)
+    best = scores.sort(dim=1, descending=True, stable=True).indices[:, :k]  # (B, k)
+    return scores.gather(1, best).numpy(), rows.gather(1, best).numpy()
+
+
+def recall_at_k(approx_rows: np.ndarray, exact_rows: np.ndarray) -> float:
+    """Mean share of the exact top-k rows that an approximate search also returned (recall@k against exact)."""
+    return float(np.mean([len(set(a.tolist()) & set(e.tolist())) / len(e) for a, e in zip(approx_rows, exact_rows)]))
+
+
+def build_faiss_index(embeddings: np.ndarray, factory: str, *, train_size: int = 1 << 18, chunk_size: int = 1 << 16,
+                      seed: int = 0):
+    """A FAISS inner-product index of embeddings (N, d), fp16 or fp32, by factory string ("HNSW32", "IVF4096,PQ96",
+    "Flat"), trained on `train_size` random rows when it needs training; added chunk by chunk so that RAM holds
+    the index and one fp32 chunk, not an fp32 copy of all embeddings."""
+    faiss = faiss_module()
+    n, d = embeddings.shape
+    index = faiss.index_factory(d, factory, faiss.METRIC_INNER_PRODUCT)
+    if not index.is_trained:
+        rows = np.sort(np.random.default_rng(seed).choice(n, min(n, train_size), replace=False))
+        index.train(np.asarray(embeddings[rows], dtype=np.float32))
+    for i in range(0, n, chunk_size):
+        index.add(np.asarray(embeddings[i:i + chunk_size], dtype=np.float32))
+    return index
+
+
+def set_faiss_params(index, params: str) -> None:
+    """FAISS search parameters in its ParameterSpace syntax, e.g. "efSearch=128" (HNSW) or "nprobe=64" (IVF)."""
+    try:
+        faiss_module().ParameterSpace().set_index_parameters(index, params)
+    except RuntimeError as e:
+        raise ValueError(f"--faiss-params {params!r}: {str(e).strip().splitlines()[0]}") from None
+
+
+def _contents_fingerprint(passages: list[Passage]) -> str:
+    # Every id and every encoded text (unlike BM25's cheap id + length fingerprint): one changed word changes an
+    # embedding. ~1 GB/s of sha1, ~15 s for wiki-18, small next to encoding it.
+    h = hashlib.sha1(str(len(passages)).encode())
+    for i in range(0, len(passages), 10_000):
+        h.update("".join(f"{p.id}\0{p.title}\n{p.text}\0" for p in passages[i:i + 10_000]).encode(
+            "utf-8", "surrogatepass"))
+    return h.hexdigest()
+
+
+def default_embeddings_path(corpus_path, model_name_or_path) -> Path:
+    """Where `search.py index|serve --dense` keep embeddings when --embeddings is not given: beside the corpus."""
+    model_tag = re.sub(r"[^\w.-]+", "-", "-".join(Path(str(model_name_or_path).rstrip("/")).parts[-2:]))
+    corpus = Path(corpus_path)
+    return corpus.with_name(f"{corpus.stem}.{model_tag}.emb.npy")
+
+
+class DenseRetriever:
+    """Dense retrieval with a transformers encoder, Search-R1's e5 recipe (module docstring), same contract as
+    BM25Retriever: DenseRetriever(model, "corpus.jsonl") or DenseRetriever(model, passages=[...]), then
+    .search(queries, topk).
+
+    embeddings_path=FILE.npy keeps the passage embeddings there (fp16, memory-mapped; FILE.npy.json holds the
+    recipe, the corpus fingerprint and the progress of an interrupted encode): loaded if they match, resumed if
+    partial, refused (ValueError) if they belong to another corpus, recipe or model. faiss_index=FILE searches a
+    FAISS index instead (e.g. Search-R1's e5_Flat.index), and the corpus is not encoded. devices: torch devices,
+    default every visible GPU, else the CPU; the model runs on the first (fp16 on a GPU unless fp16=False), the
+    embeddings are split over all of them.
+    """
+
+    def __init__(self, model_name_or_path, corpus_path=None, *, passages: list[Passage] | None = None,
+                 embeddings_path=None, faiss_index=None, faiss_params: str | None = None,
+                 query_prefix: str = E5_QUERY_PREFIX, passage_prefix: str = E5_PASSAGE_PREFIX, pooling: str = "mean",
+                 normalize: bool = True, max_length: int = 256, batch_size: int | None = None, devices=None,
+                 fp16: bool | None = None, chunk_size: int = 1 << 16, progress: bool = True):
+        import torch
+        from transformers import AutoModel, AutoTokenizer
+        if (corpus_path is None) == (passages is None):
+            raise ValueError("DenseRetriever needs exactly one of corpus_path or passages")
+        self.passages = load_corpus(corpus_path) if passages is None else list(passages)
+        if not self.passages:
+            raise ValueError("DenseRetriever: no passages")
+        if pooling not in POOLINGS:
+            raise ValueError(f"--pooling must be one of {', '.join(POOLINGS)}, got {pooling!r}")
+        self.model_name = str(model_name_or_path)
+        self.query_prefix, self.passage_prefix, self.pooling = query_prefix, passage_prefix, pooling
+        self.normalize, self.max_length, self.chunk_size, self.progress = normalize, max_length, chunk_size, progress
+        if devices is None:
+            devices = [f"cuda:{i}" for i in range(torch.cuda.device_count())] or ["cpu"]
+        self.devices = [torch.device(d) for d in devices]
+        # Search-R1 encodes 512 at a time on GPUs; on a CPU, 32 is faster than 256 (the attention scores of a large
+        # padded batch no longer fit in cache: 23 vs 11 MiniLM passages/s on 2 cores).
+        self.batch_size = batch_size or (512 if self.devices[0].type == "cuda" else 32)
+        self.fp16 = self.devices[0].type == "cuda" if fp16 is None else fp16  # Search-R1 serves e5 in fp16
+        self.tokenizer = AutoTokenizer.from_pretrained(self.model_name)
+        model = AutoModel.from_pretrained(self.model_name).eval().float()
+        self.model = (model.half() if self.fp16 else model).to(self.devices[0])
+        self.dim = int(self.model.config.hidden_size)
+        self._lock = threading.Lock()  # one search at a time: a fast tokenizer is not thread-safe, the GPU is one
+        self.index = self.embeddings = None
+        self.shards = []  # contiguous row blocks of the embeddings, one per device (exact search)
+        self.from_embeddings = False  # True when the embeddings were read from embeddings_path, not encoded
+        if faiss_index is not None:
+            self.index = self._load_faiss(faiss_index, faiss_params)
+        else:
+            self.embeddings = self._embeddings(embeddings_path)  # (N, d) float16
+            self.shards = self._shards()
+
+    # ---- encoding
+
+    def encode(self, texts: list[str], *, query: bool) -> np.ndarray:
+        """Embeddings (len(texts), d) float32 of queries (query prefix) or passage contents (passage prefix)."""
+        prefix = self.query_prefix if query else self.passage_prefix
+        out = np.zeros((len(texts), self.dim), dtype=np.float32)
+        for i in range(0, len(texts), self.batch_size):
+            batch = tokenize_batch(self.tokenizer, texts[i:i + self.batch_size], prefix, self.max_length)
+            out[i:i + self.batch_size] = embed_batch(self.model, batch, self.pooling, self.normalize).cpu().numpy()
+        return out
+
+    def _recipe(self) -> dict:
+        return {"format": _EMBEDDINGS_FORMAT, "n": len(self.passages), "dim": self.dim,
+                "passage_prefix": self.passage_prefix, "pooling": self.pooling, "normalize": self.normalize,
+                "max_length": self.max_length}
+
+    def _embeddings(self, path) -> np.ndarray:
+        """(N, d) float16: loaded from `path` if it holds this corpus' embeddings by this model and recipe, resumed if
+        partial, else encoded (and saved there)."""
+        contents = [f"{p.title}\n{p.text}" for p in self.passages]  # the corpus row's `contents`, exactly
+        # Longest first: batches of similar length pad little, and an out-of-memory batch shows up at once.
+        order = np.argsort(-np.fromiter(map(len, contents), np.int64, len(contents)), kind="stable")  # (N,)
+        want = {**self._recipe(), "corpus_fingerprint": _contents_fingerprint(self.passages)}
+        rows_done, meta_path = 0, None
+        if path is None:
+            emb = np.zeros((len(contents), self.dim), dtype=np.float16)
+        else:
+            path = Path(path)
+            meta_path = path.with_name(path.name + ".json")
+            meta = json.loads(meta_path.read_text()) if meta_path.exists() and path.exists() else None
+            if meta is not None:
+                stale = [k for k, v in want.items() if meta.get(k) != v]
+                if stale:
+                    raise ValueError(f"{path}: embeddings of another corpus or recipe ({', '.join(stale)} differ: "
+                                     f"saved by {meta.get('model')!r}); delete it, or give another --embeddings")
+                emb = np.load(path, mmap_mode="r+" if not meta["complete"] else "r")
+                rows_done = int(meta["rows_done"])
+                self._check_probe(emb, contents, order[:min(_PROBE_ROWS, rows_done)], path, meta.get("model"))
+                if meta["complete"]:
+                    self.from_embeddings = True
+                    return emb
+                print(f"search.py: resuming {path} at {rows_done:,} of {len(contents):,} passages", file=sys.stderr)
+            else:
+                path.parent.mkdir(parents=True, exist_ok=True)
+                emb = np.lib.format.open_memmap(path, mode="w+", dtype=np.float16, shape=(len(contents), self.dim))
+
+        def record(done: int) -> None:  # meta written after the rows it counts, atomically
+            if meta_path is not None:
+                emb.flush()
+                tmp = meta_path.with_name(meta_path.name + ".tmp")
+                tmp.write_text(json.dumps({**want, "model": self.model_name, "query_prefix": self.query_prefix,
+                                           "rows_done": done, "complete": done == len(contents)}))
+                os.replace(tmp, meta_path)
+
+        self._encode_rows(emb, contents, order, rows_done, record)
+        return np.load(path, mmap_mode="r") if path is not None else emb
+
+    def _encode_rows(self, emb, contents: list[str], order: np.ndarray, rows_done: int, record) -> None:
+        """Encode passages order[rows_done:] into emb, batch_size at a time, one model replica per device."""
+        from concurrent.futures import ThreadPoolExecutor
+        from tqdm import tqdm
+        replicas = [self.model] + [copy.deepcopy(self.model).to(d) for d in self.devices[1:]]
+        starts = list(range(rows_done, len(contents), self.batch_size))
+        bar = tqdm(total=len(contents), initial=rows_done, unit="passage", desc="search.py: encoding passages",
+                   disable=not self.progress, file=sys.stderr)
+        last_saved = rows_done
+        with ThreadPoolExecutor(len(replicas)) as workers:
+            for g in range(0, len(starts), len(replicas)):  # one batch per replica, run concurrently
+                rows = [order[s:s + self.batch_size] for s in starts[g:g + len(replicas)]]
+                # Tokenised here, in one thread (a fast tokenizer is not thread-safe); the forwards run in parallel.
+                batches = [tokenize_batch(self.tokenizer, [contents[j] for j in r], self.passage_prefix,
+                                          self.max_length) for r in rows]
+                jobs = [workers.submit(embed_batch, m, b, self.pooling, self.normalize)
+                        for m, b in zip(replicas, batches)]
+                for r, job in zip(rows, jobs):
+                    emb[r] = job.result().cpu().numpy().astype(np.float16)  # (b, d)
+                    bar.update(len(r))
+                done = int(starts[g + len(rows) - 1] + len(rows[-1]))
+                if done - last_saved >= _SAVE_EVERY_ROWS:
+                    record(done)
+                    last_saved = done
+        bar.close()
+        record(len(contents))
+
+    def _check_probe(self, emb, contents: list[str], rows: np.ndarray, path, saved_by) -> None:
+        """Re-encode a few saved passages: a file made by another model (or other weights) is refused."""
+        if not len(rows):
+            return
+        fresh = self.encode([contents[j] for j in rows], query=False)  # (P, d)
+        saved = np.asarray(emb[rows], dtype=np.float32)  # (P, d)
+        cosine = (fresh * saved).sum(1) / (np.linalg.norm(fresh, axis=1) * np.linalg.norm(saved, axis=1) + 1e-12)
+        if cosine.min() < _PROBE_COSINE:
+            raise ValueError(f"{path}: embeddings were made by another model ({saved_by!r}; re-encoding {len(rows)} "
+                             f"passages with {self.model_name!r} gives cosine {cosine.min():.3f}); delete it, or give "
+                             "another --embeddings")
+
+    def _shards(self) -> list:
+        """The embeddings as exact search reads them: the (memory-mapped) array on CPU, or one fp16 block per GPU."""
+        import torch
+        if self.devices[0].type == "cpu":
+            return [self.embeddings]
+        bounds = np.linspace(0, len(self.embeddings), len(self.devices) + 1).astype(int)
+        shards = []
+        for device, a, b in zip(self.devices, bounds[:-1], bounds[1:]):
+            need, free = (b - a) * self.dim * 2, torch.cuda.mem_get_info(device)[0]
+            if need + 4 * self.chunk_size * self.dim * 4 > free:  # the shard, and room for fp32 chunks and scores
+                raise ValueError(f"embeddings need {need / 2**30:.1f} GiB on each of {len(self.devices)} GPU(s), "
+                                 f"{device} has {free / 2**30:.1f} GiB free: use more GPUs, or --faiss-index")
+            shard = torch.empty((b - a, self.dim), dtype=torch.float16, device=device)
+            for i in range(a, b, self.chunk_size):  # through host memory one chunk at a time
+                j = min(i + self.chunk_size, b)
+                shard[i - a:j - a] = torch.from_numpy(np.ascontiguousarray(self.embeddings[i:j]))
+            shards.append(shard)
+        return shards
+
+    def _load_faiss(self, path, params: str | None):
+        faiss = faiss_module()
+        if not Path(path).exists():
+            raise ValueError(f"--faiss-index {path}: no such file")
+        index = faiss.read_index(str(path))
+        if index.ntotal != len(self.passages) or index.d != self.dim:
+            raise ValueError(f"--faiss-index {path}: {index.ntotal:,} vectors of dimension {index.d}, but the corpus "
+                             f"has {len(self.passages):,} passages and {self.model_name} makes {self.dim}-d vectors")
+        if params:
+            set_faiss_params(index, params)
+        if self.devices[0].type == "cuda" and getattr(faiss, "get_num_gpus", lambda: 0)() > 0:
+            options = faiss.GpuMultipleClonerOptions()  # Search-R1's --faiss_gpu: fp16, sharded over all GPUs
+            options.useFloat16, options.shard = True, True
+            index = faiss.index_cpu_to_all_gpus(index, co=options)
+        return index
+
+    # ---- search
+
+    def topk_rows(self, query_embeddings: np.ndarray, k: int) -> tuple[np.ndarray, np.ndarray]:
+        """(scores, rows), each (B, k), of query embeddings: exact search, or the FAISS index when one is loaded
+        (whose rows are -1 where an approximate index found fewer than k)."""
+        if self.index is not None:
+            return self.index.search(np.ascontiguousarray(query_embeddings, dtype=np.float32), k)
+        return exact_topk(query_embeddings, self.shards, k, self.chunk_size)
+
+    def search(self, queries: list[str], topk: int) -> list[list[Passage]]:
+        """Top-k passages (with inner-product scores) per query, best first, ties to the lower corpus row."""
+        if isinstance(queries, str) or not all(isinstance(q, str) for q in queries):
+            raise TypeError("search() takes a list of query strings")
+        if not isinstance(topk, int) or topk < 1:
+            raise ValueError(f"topk must be a positive int, got {topk!r}")
+        if not queries:
+            return []
+        with self._lock:
+            scores, rows = self.topk_rows(self.encode(list(queries), query=True), min(topk, len(self.passages)))
+        return [[dataclasses.replace(self.passages[j], score=float(s)) for s, j in zip(srow, rrow) if j >= 0]
+                for srow, rrow in zip(scores.tolist(), rows.tolist())]
+
+
 # ---------------------------------------------------------------- HTTP client
 
 class RetrievalError(RuntimeError):
@@ -483,7 +856,7 @@ def _parse_response(body: bytes, n_queries: int) -> list[list[Passage]]:
 
 @dataclass
 class ServeConfig:
-    """`python search.py serve|query`: flags are these fields (--max-queries ...)."""
+    """`python search.py serve|query|index`: flags are these fields (--max-queries ...)."""
     corpus: str = ""  # Search-R1 corpus jsonl, rows {"id", "contents"}
     index: str | None = None  # directory of a saved BM25 index: loaded if it matches the corpus, else built there
     host: str = "127.0.0.1"  # interface to listen on (0.0.0.0 to serve other machines)
@@ -491,6 +864,18 @@ class ServeConfig:
     topk: int = 3  # passages per query when a request gives no topk
     k1: float = 0.9  # BM25 term-frequency saturation
     b: float = 0.4  # BM25 length normalisation
+    # dense retrieval (--dense MODEL instead of BM25)
+    dense: str | None = None  # encoder, hub id or local directory (intfloat/e5-base-v2: the paper's); None = BM25
+    embeddings: str | None = None  # passage embeddings .npy (fp16): loaded, resumed or written; None = beside corpus
+    faiss_index: str | None = None  # FAISS index to search (e.g. Search-R1's e5_Flat.index); `index` writes it
+    faiss_build: str | None = None  # `index`: FAISS factory of the index to build, e.g. HNSW32 or IVF4096,PQ96
+    faiss_params: str | None = None  # FAISS search parameters, e.g. efSearch=128 or nprobe=64
+    query_prefix: str = E5_QUERY_PREFIX  # e5's "query: "; "" for encoders trained without one (MiniLM)
+    passage_prefix: str = E5_PASSAGE_PREFIX  # e5's "passage: "
+    pooling: str = "mean"  # mean | cls | pooler (Search-R1: mean for e5)
+    normalize: bool = True  # L2-normalise embeddings (Search-R1: all models but DPR)
+    max_length: int = 256  # tokens per query or passage (Search-R1: 256)
+    batch_size: int | None = None  # texts per encoder forward; None = 512 on a GPU (Search-R1), 32 on the CPU
     max_topk: int = 100  # largest topk a request may ask for
     max_queries: int = 512  # most queries in one request
     max_query_chars: int = 4096  # longest query
@@ -610,12 +995,15 @@ def make_server(retriever, cfg: ServeConfig) -> http.server.ThreadingHTTPServer:
 
 def parse_config(argv=None) -> tuple[str, ServeConfig, list[str]]:
     parser = argparse.ArgumentParser(description=__doc__.split("\n")[0])
-    parser.add_argument("command", choices=["serve", "query"])
+    parser.add_argument("command", choices=["serve", "query", "index"])
     parser.add_argument("text", nargs="*", help="query text (query command)")
     for f in dataclasses.fields(ServeConfig):
-        kind = {"int": int, "float": float}.get(str(f.type), str)
-        parser.add_argument("--" + f.name.replace("_", "-"), type=kind, default=f.default,
-                            required=f.name == "corpus")
+        flag = "--" + f.name.replace("_", "-")
+        if str(f.type) == "bool":
+            parser.add_argument(flag, action=argparse.BooleanOptionalAction, default=f.default)
+            continue
+        kind = {"int": int, "int | None": int, "float": float}.get(str(f.type), str)
+        parser.add_argument(flag, type=kind, default=f.default, required=f.name == "corpus")
     args = vars(parser.parse_intermixed_args(argv))
     command, text = args.pop("command"), args.pop("text")
     if command == "query" and not text:
@@ -623,19 +1011,77 @@ def parse_config(argv=None) -> tuple[str, ServeConfig, list[str]]:
     return command, ServeConfig(**args), text
 
 
+def load_retriever(cfg: ServeConfig, *, progress: bool = True):
+    """The retriever that `search.py serve|query` builds from its flags: BM25 over cfg.corpus, or DenseRetriever
+    with cfg.dense (embeddings at cfg.embeddings, default beside the corpus; or the FAISS index cfg.faiss_index)."""
+    if cfg.dense is None:
+        dense_only = [f for f in ("embeddings", "faiss_index", "faiss_build", "faiss_params") if getattr(cfg, f)]
+        if dense_only:
+            raise ValueError(f"--{dense_only[0].replace('_', '-')} is for dense retrieval: give --dense MODEL")
+        return BM25Retriever(cfg.corpus, k1=cfg.k1, b=cfg.b, index_path=cfg.index)
+    embeddings = None if cfg.faiss_index else cfg.embeddings or default_embeddings_path(cfg.corpus, cfg.dense)
+    return DenseRetriever(cfg.dense, cfg.corpus, embeddings_path=embeddings, faiss_index=cfg.faiss_index,
+                          faiss_params=cfg.faiss_params, query_prefix=cfg.query_prefix,
+                          passage_prefix=cfg.passage_prefix, pooling=cfg.pooling, normalize=cfg.normalize,
+                          max_length=cfg.max_length, batch_size=cfg.batch_size, progress=progress)
+
+
+def index_command(cfg: ServeConfig) -> None:
+    """`search.py index`: encode (or resume) the corpus embeddings; with --faiss-build, build a FAISS index from them
+    into --faiss-index and report its recall@topk against exact search."""
+    if cfg.dense is None:
+        raise ValueError("index precomputes dense embeddings: give --dense MODEL (BM25: serve --index DIR builds "
+                         "and saves its index)")
+    if bool(cfg.faiss_build) != bool(cfg.faiss_index):
+        raise ValueError("index: --faiss-build FACTORY and --faiss-index FILE (where to write it) go together")
+    t0 = time.time()
+    retriever = load_retriever(dataclasses.replace(cfg, faiss_index=None))
+    emb = retriever.embeddings
+    how = "loaded" if retriever.from_embeddings else "encoded"
+    print(f"search.py: {emb.shape[0]:,} x {emb.shape[1]} fp16 embeddings {how} in {time.time() - t0:.1f} s: "
+          f"{emb.filename} ({emb.nbytes / len(emb):.0f} bytes a passage)", file=sys.stderr, flush=True)
+    if not cfg.faiss_build:
+        return
+    faiss = faiss_module()
+    t0 = time.time()
+    try:
+        index = build_faiss_index(emb, cfg.faiss_build)
+    except RuntimeError as e:  # FAISS' message for a bad factory string is a C++ trace: keep its first line
+        raise ValueError(f"--faiss-build {cfg.faiss_build!r}: {str(e).strip().splitlines()[0]}") from None
+    faiss.write_index(index, cfg.faiss_index)
+    build_s = time.time() - t0
+    if cfg.faiss_params:
+        set_faiss_params(index, cfg.faiss_params)
+    # Recall against exact search, with passage titles as queries (a real question set: bench/bench_search.py).
+    sample = np.random.default_rng(0).choice(len(emb), min(1000, len(emb)), replace=False)
+    queries = retriever.encode([retriever.passages[i].title.strip('"') for i in sample], query=True)  # (Q, d)
+    k = min(cfg.topk, len(emb))
+    recall = recall_at_k(index.search(queries, k)[1], exact_topk(queries, retriever.shards, k)[1])
+    size = Path(cfg.faiss_index).stat().st_size
+    print(f"search.py: FAISS {cfg.faiss_build} built in {build_s:.1f} s: {cfg.faiss_index} ({size / len(emb):.0f} "
+          f"bytes a passage); recall@{k} against exact search {recall:.3f} ({len(sample)} passage titles as queries"
+          f"{', ' + cfg.faiss_params if cfg.faiss_params else ''})", file=sys.stderr, flush=True)
+
+
 def main(argv=None) -> None:
     command, cfg, text = parse_config(argv)
     t0 = time.time()
     try:
-        retriever = BM25Retriever(cfg.corpus, k1=cfg.k1, b=cfg.b, index_path=cfg.index)
-    except (OSError, ValueError) as e:
+        if command == "index":
+            return index_command(cfg)
+        retriever = load_retriever(cfg)
+    except (OSError, ValueError, ImportError) as e:
         raise SystemExit(f"error: {e}")
     if command == "query":
         print(format_passages(retriever.search([" ".join(text)], cfg.topk)[0]), end="")
         return
     server = make_server(retriever, cfg)
     host, port = server.server_address[:2]
-    how = "loaded" if retriever.from_index else "indexed"
+    if cfg.dense is None:
+        how = "loaded" if retriever.from_index else "indexed"
+    else:
+        how = f"{cfg.dense}: " + (f"FAISS index {cfg.faiss_index}" if cfg.faiss_index else
+                                  "loaded" if retriever.from_embeddings else "encoded")
     print(f"search.py: {how} {len(retriever.passages)} passages in {time.time() - t0:.1f} s; serving "
           f"http://{host}:{port}/retrieve", file=sys.stderr, flush=True)
     try:

