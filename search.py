@@ -492,6 +492,20 @@ def exact_topk(queries, shards, k: int, chunk_size: int = 1 << 16):
     return scores.gather(1, best).numpy(), rows.gather(1, best).numpy()
 
 
+def rescore(queries: np.ndarray, candidates: np.ndarray, embeddings: np.ndarray, k: int):
+    """Exact top-k among candidate rows (B, R) of an approximate index (-1: none): fp32 products of the queries
+    (B, d) with those rows of the fp16 embeddings, best first, ties to the lower row. (scores, rows), each (B, k),
+    rows -1 (score -inf) where fewer than k candidates came back."""
+    scores = np.full((len(queries), k), -np.inf, dtype=np.float32)
+    rows = np.full((len(queries), k), -1, dtype=np.int64)
+    for b, (q, cand) in enumerate(zip(queries, candidates)):
+        cand = np.unique(cand[cand >= 0])  # (R',) ascending: the stable sort below keeps the lower row first
+        s = np.asarray(embeddings[cand], dtype=np.float32) @ q  # (R',)
+        best = np.argsort(-s, kind="stable")[:k]
+        scores[b, :len(best)], rows[b, :len(best)] = s[best], cand[best]
+    return scores, rows
+
+
 def recall_at_k(approx_rows: np.ndarray, exact_rows: np.ndarray) -> float:
     """Mean share of the exact top-k rows that an approximate search also returned (recall@k against exact)."""
     return float(np.mean([len(set(a.tolist()) & set(e.tolist())) / len(e) for a, e in zip(approx_rows, exact_rows)]))
@@ -546,7 +560,9 @@ class DenseRetriever:
     embeddings_path=FILE.npy keeps the passage embeddings there (fp16, memory-mapped; FILE.npy.json holds the
     recipe, the corpus fingerprint and the progress of an interrupted encode): loaded if they match, resumed if
     partial, refused (ValueError) if they belong to another corpus, recipe or model. faiss_index=FILE searches a
-    FAISS index instead (e.g. Search-R1's e5_Flat.index), and the corpus is not encoded. devices: torch devices,
+    FAISS index instead (e.g. Search-R1's e5_Flat.index), and the corpus is not encoded; with rerank=R as well, the
+    index's top R candidates are re-scored exactly with the embeddings at embeddings_path (read from the memory map,
+    so RAM holds only the approximate index). devices: torch devices,
     default every visible GPU, else the CPU; the model runs on the first (fp16 on a GPU unless fp16=False), the
     embeddings are split over all of them.
     """
@@ -555,7 +571,7 @@ class DenseRetriever:
                  embeddings_path=None, faiss_index=None, faiss_params: str | None = None,
                  query_prefix: str = E5_QUERY_PREFIX, passage_prefix: str = E5_PASSAGE_PREFIX, pooling: str = "mean",
                  normalize: bool = True, max_length: int = 256, batch_size: int | None = None, devices=None,
-                 fp16: bool | None = None, chunk_size: int = 1 << 16, progress: bool = True):
+                 fp16: bool | None = None, chunk_size: int = 1 << 16, rerank: int = 0, progress: bool = True):
         import torch
         from transformers import AutoModel, AutoTokenizer
         if (corpus_path is None) == (passages is None):
@@ -583,8 +599,14 @@ class DenseRetriever:
         self.index = self.embeddings = None
         self.shards = []  # contiguous row blocks of the embeddings, one per device (exact search)
         self.from_embeddings = False  # True when the embeddings were read from embeddings_path, not encoded
+        self.rerank = rerank
         if faiss_index is not None:
             self.index = self._load_faiss(faiss_index, faiss_params)
+            if rerank:
+                if embeddings_path is None:
+                    raise ValueError("--faiss-rerank re-scores FAISS candidates with saved embeddings: give "
+                                     "--embeddings FILE")
+                self.embeddings = self._embeddings(embeddings_path)  # (N, d) float16, memory-mapped, not in RAM
         else:
             self.embeddings = self._embeddings(embeddings_path)  # (N, d) float16
             self.shards = self._shards()
@@ -725,9 +747,12 @@ class DenseRetriever:
     def topk_rows(self, query_embeddings: np.ndarray, k: int) -> tuple[np.ndarray, np.ndarray]:
         """(scores, rows), each (B, k), of query embeddings: exact search, or the FAISS index when one is loaded
         (whose rows are -1 where an approximate index found fewer than k)."""
-        if self.index is not None:
-            return self.index.search(np.ascontiguousarray(query_embeddings, dtype=np.float32), k)
-        return exact_topk(query_embeddings, self.shards, k, self.chunk_size)
+        if self.index is None:
+            return exact_topk(query_embeddings, self.shards, k, self.chunk_size)
+        queries = np.ascontiguousarray(query_embeddings, dtype=np.float32)  # (B, d)
+        if not self.rerank:
+            return self.index.search(queries, k)
+        return rescore(queries, self.index.search(queries, max(k, self.rerank))[1], self.embeddings, k)
 
     def search(self, queries: list[str], topk: int) -> list[list[Passage]]:
         """Top-k passages (with inner-product scores) per query, best first, ties to the lower corpus row."""
@@ -870,6 +895,7 @@ class ServeConfig:
     faiss_index: str | None = None  # FAISS index to search (e.g. Search-R1's e5_Flat.index); `index` writes it
     faiss_build: str | None = None  # `index`: FAISS factory of the index to build, e.g. HNSW32 or IVF4096,PQ96
     faiss_params: str | None = None  # FAISS search parameters, e.g. efSearch=128 or nprobe=64
+    faiss_rerank: int = 0  # re-score this many FAISS candidates a query exactly from --embeddings (0: off)
     query_prefix: str = E5_QUERY_PREFIX  # e5's "query: "; "" for encoders trained without one (MiniLM)
     passage_prefix: str = E5_PASSAGE_PREFIX  # e5's "passage: "
     pooling: str = "mean"  # mean | cls | pooler (Search-R1: mean for e5)
@@ -1015,13 +1041,15 @@ def load_retriever(cfg: ServeConfig, *, progress: bool = True):
     """The retriever that `search.py serve|query` builds from its flags: BM25 over cfg.corpus, or DenseRetriever
     with cfg.dense (embeddings at cfg.embeddings, default beside the corpus; or the FAISS index cfg.faiss_index)."""
     if cfg.dense is None:
-        dense_only = [f for f in ("embeddings", "faiss_index", "faiss_build", "faiss_params") if getattr(cfg, f)]
+        dense_only = [f for f in ("embeddings", "faiss_index", "faiss_build", "faiss_params", "faiss_rerank")
+                      if getattr(cfg, f)]
         if dense_only:
             raise ValueError(f"--{dense_only[0].replace('_', '-')} is for dense retrieval: give --dense MODEL")
         return BM25Retriever(cfg.corpus, k1=cfg.k1, b=cfg.b, index_path=cfg.index)
-    embeddings = None if cfg.faiss_index else cfg.embeddings or default_embeddings_path(cfg.corpus, cfg.dense)
+    embeddings = None if cfg.faiss_index and not cfg.faiss_rerank else \
+        cfg.embeddings or default_embeddings_path(cfg.corpus, cfg.dense)
     return DenseRetriever(cfg.dense, cfg.corpus, embeddings_path=embeddings, faiss_index=cfg.faiss_index,
-                          faiss_params=cfg.faiss_params, query_prefix=cfg.query_prefix,
+                          faiss_params=cfg.faiss_params, rerank=cfg.faiss_rerank, query_prefix=cfg.query_prefix,
                           passage_prefix=cfg.passage_prefix, pooling=cfg.pooling, normalize=cfg.normalize,
                           max_length=cfg.max_length, batch_size=cfg.batch_size, progress=progress)
 

@@ -63,6 +63,12 @@ def minilm(**kw) -> DenseRetriever:
     return DenseRetriever(MINILM, **kw)
 
 
+def assert_same_hits(got: list[list[Passage]], want: list[list[Passage]]) -> None:
+    """The same passages in the same order, scores equal up to float32 rounding (FAISS, numpy and torch sum apart)."""
+    assert [[p.id for p in h] for h in got] == [[p.id for p in h] for h in want]
+    np.testing.assert_allclose([p.score for h in got for p in h], [p.score for h in want for p in h], atol=1e-6)
+
+
 @pytest.fixture(scope="module")
 def encoder():
     from transformers import AutoModel, AutoTokenizer
@@ -137,12 +143,15 @@ def test_exact_topk_ties_go_to_the_lower_row(chunk_size):
     emb = (rng.integers(-2, 3, (40, 4)) / 2).astype(np.float16)  # (N, d)
     queries = (rng.integers(-2, 3, (25, 4)) / 2).astype(np.float32)  # (B, d)
     exact = queries.astype(np.float64) @ emb.astype(np.float64).T  # (B, N)
+    # rescore() (exact re-scoring of an approximate index's candidates) given every row, shuffled, with -1 holes
+    candidates = np.stack([np.r_[rng.permutation(40), [-1, -1]] for _ in queries])  # (B, 42)
     for k in [1, 2, 5, 17, 40]:
         scores, rows = exact_topk(queries, [emb[:13], emb[13:]], k, chunk_size=chunk_size)
+        rescored = search.rescore(queries, candidates, emb, k)
         for q in range(len(queries)):
             want = np.lexsort((np.arange(40), -exact[q]))[:k]  # score descending, then row ascending
-            assert rows[q].tolist() == want.tolist()
-            assert scores[q].tolist() == exact[q, want].tolist()
+            assert rows[q].tolist() == rescored[1][q].tolist() == want.tolist()
+            assert scores[q].tolist() == rescored[0][q].tolist() == exact[q, want].tolist()
 
 
 # ---------------------------------------------------------------- tier 2: behaviour
@@ -160,9 +169,7 @@ def test_dense_finds_the_passage_that_answers_and_keeps_the_contract():
     np.testing.assert_allclose([p.score for p in hits[0]],
                                [q @ r.embeddings[int(p.id)].astype(np.float32) for p in hits[0]], rtol=1e-5)
     # A batch pads its queries to the longest: their embeddings move by float rounding (~1e-7), no more.
-    for batched, alone in zip(hits, [r.search([q], 3)[0] for q, _ in QUESTIONS]):
-        assert [p.id for p in batched] == [p.id for p in alone]
-        np.testing.assert_allclose([p.score for p in batched], [p.score for p in alone], atol=1e-6)
+    assert_same_hits(hits, [r.search([q], 3)[0] for q, _ in QUESTIONS])
     assert r.search([q for q, _ in QUESTIONS], 3) == hits  # and the same batch gives the same results
     assert len(r.search(["anything"], 100)[0]) == len(DOCS) and r.search([], 3) == []
     with pytest.raises(TypeError):
@@ -252,9 +259,13 @@ def test_faiss_flat_index_file_gives_the_exact_results(tmp_path):
     via_faiss = minilm(faiss_index=tmp_path / "flat.index")
     assert via_faiss.embeddings is None  # the corpus is not encoded
     queries = [q for q, _ in QUESTIONS]
-    for got, want in zip(via_faiss.search(queries, 4), exact.search(queries, 4)):
-        assert [p.id for p in got] == [p.id for p in want]
-        np.testing.assert_allclose([p.score for p in got], [p.score for p in want], rtol=1e-6)
+    assert_same_hits(via_faiss.search(queries, 4), exact.search(queries, 4))
+    # rerank: the index's candidates re-scored from the saved fp16 embeddings (the memory map), exact again
+    exact_saved = minilm(embeddings_path=tmp_path / "emb.npy")
+    reranked = minilm(faiss_index=tmp_path / "flat.index", embeddings_path=tmp_path / "emb.npy", rerank=6)
+    assert_same_hits(reranked.search(queries, 4), exact_saved.search(queries, 4))
+    with pytest.raises(ValueError, match="--faiss-rerank re-scores FAISS candidates with saved embeddings"):
+        minilm(faiss_index=tmp_path / "flat.index", rerank=6)
     with pytest.raises(ValueError, match=r"--faiss-index .*flat\.index: 10 vectors of dimension 384, but the "
                                          r"corpus has 9 passages"):
         minilm(passages=passages()[:9], faiss_index=tmp_path / "flat.index")
@@ -279,11 +290,13 @@ def test_approximate_indexes_recall_against_exact():
             index = build_faiss_index(emb, factory)
             search.set_faiss_params(index, params)
             recall[factory] = recall_at_k(index.search(queries, 3)[1], exact)
+        recall["rescored"] = recall_at_k(search.rescore(queries, index.search(queries, 100)[1], emb, 3)[1], exact)
     finally:
         faiss.omp_set_num_threads(threads)
     assert recall["IVF16,Flat"] == 1.0  # every list probed: exact scores, the same top 3
     assert recall["HNSW32"] >= 0.95
     assert 0.05 < recall["IVF16,PQ8x4"] < 1.0  # 4 bytes a vector: lossy, yet far above chance (3 / 3840)
+    assert recall["rescored"] >= max(0.9, recall["IVF16,PQ8x4"])  # its top 100, re-scored exactly
     assert recall_at_k(np.array([[1, 2, 3]]), np.array([[3, 9, 1]])) == pytest.approx(2 / 3)
 
 
