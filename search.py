@@ -33,7 +33,7 @@ into a dense (queries x docs) array, then takes the top k per row. `save(dir)` w
 `index_path=dir` loads it instead of re-tokenising a large corpus (rebuilt if the corpus or tokenizer changed).
 
 Dense retrieval, Search-R1's e5 recipe (search_r1/search/retrieval_server.py `Encoder`, index_builder.py):
-    query q -> "query: " + q,  passage -> "passage: " + its corpus row's `contents` ('"Title"\ntext', exactly)
+    query q -> "query: " + q,  passage -> "passage: " + its corpus row's `contents` ('"Title"\\ntext', exactly)
     e(x)    = normalize(sum_t m_t h_t(x) / sum_t m_t)   h: the encoder's last hidden states, m: attention mask,
                                                         at most max_length = 256 tokens, padded to the batch's longest
     score   = <e(q), e(p)>  (cosine), top-k by exact inner product
@@ -451,9 +451,15 @@ def embed_batch(model, batch: dict, pooling: str = "mean", normalize: bool = Tru
 def _topk_lowest_ties(scores, k: int):
     """Top-k columns per row of scores (B, C), as (values, columns) with columns ascending: exact ties at the k-th
     score go to the lowest columns (torch.topk picks among ties arbitrarily)."""
-    values, cols = scores.topk(k, dim=1)  # (B, k)
+    import torch
+    if k < scores.shape[1]:
+        values, cols = scores.topk(k + 1, dim=1)  # (B, k + 1): one more, to see whether the k-th score is shared
+        crowded = values[:, k] == values[:, k - 1]  # (B,) rows where a column topk left out may tie the k-th
+        values, cols = values[:, :k], cols[:, :k]  # (B, k)
+    else:
+        values, cols = scores.topk(k, dim=1)  # (B, k) every column
+        crowded = torch.zeros(len(scores), dtype=torch.bool)
     cut = values[:, -1:]  # (B, 1) the k-th score
-    crowded = (scores >= cut).sum(dim=1) > k  # (B,) rows whose k-th score is shared by a column topk left out
     if crowded.any():
         rows = crowded.nonzero().squeeze(1)
         s, c = scores[rows], cut[rows]  # (R, C), (R, 1)
@@ -557,21 +563,24 @@ class DenseRetriever:
     BM25Retriever: DenseRetriever(model, "corpus.jsonl") or DenseRetriever(model, passages=[...]), then
     .search(queries, topk).
 
-    embeddings_path=FILE.npy keeps the passage embeddings there (fp16, memory-mapped; FILE.npy.json holds the
-    recipe, the corpus fingerprint and the progress of an interrupted encode): loaded if they match, resumed if
-    partial, refused (ValueError) if they belong to another corpus, recipe or model. faiss_index=FILE searches a
-    FAISS index instead (e.g. Search-R1's e5_Flat.index), and the corpus is not encoded; with rerank=R as well, the
-    index's top R candidates are re-scored exactly with the embeddings at embeddings_path (read from the memory map,
-    so RAM holds only the approximate index). devices: torch devices,
-    default every visible GPU, else the CPU; the model runs on the first (fp16 on a GPU unless fp16=False), the
-    embeddings are split over all of them.
+    embeddings_path  FILE.npy: the passage embeddings (fp16, memory-mapped; FILE.npy.json holds the recipe, the
+                     corpus fingerprint and the progress of an interrupted encode): loaded if they match, resumed
+                     if partial, refused (ValueError) if another corpus, recipe or model made them. None: in RAM.
+    faiss_index      search this FAISS index instead (e.g. Search-R1's e5_Flat.index); the corpus is not encoded.
+    rerank           with faiss_index: re-score its top `rerank` candidates exactly from embeddings_path (read
+                     through the memory map: RAM holds only the approximate index).
+    vectors_from     a flat FAISS index whose vectors become new embeddings (copied to fp16) instead of encoding;
+                     a few are checked against this model's encoding of the same passages.
+    devices          torch devices; default every visible GPU, else the CPU. The model runs on the first (fp16 on
+                     a GPU unless fp16=False); the embeddings are split over all of them.
     """
 
     def __init__(self, model_name_or_path, corpus_path=None, *, passages: list[Passage] | None = None,
                  embeddings_path=None, faiss_index=None, faiss_params: str | None = None,
                  query_prefix: str = E5_QUERY_PREFIX, passage_prefix: str = E5_PASSAGE_PREFIX, pooling: str = "mean",
                  normalize: bool = True, max_length: int = 256, batch_size: int | None = None, devices=None,
-                 fp16: bool | None = None, chunk_size: int = 1 << 16, rerank: int = 0, progress: bool = True):
+                 fp16: bool | None = None, chunk_size: int = 1 << 16, rerank: int = 0, vectors_from=None,
+                 progress: bool = True):
         import torch
         from transformers import AutoModel, AutoTokenizer
         if (corpus_path is None) == (passages is None):
@@ -599,7 +608,7 @@ class DenseRetriever:
         self.index = self.embeddings = None
         self.shards = []  # contiguous row blocks of the embeddings, one per device (exact search)
         self.from_embeddings = False  # True when the embeddings were read from embeddings_path, not encoded
-        self.rerank = rerank
+        self.rerank, self.vectors_from = rerank, vectors_from
         if faiss_index is not None:
             self.index = self._load_faiss(faiss_index, faiss_params)
             if rerank:
@@ -630,17 +639,22 @@ class DenseRetriever:
     def _embeddings(self, path) -> np.ndarray:
         """(N, d) float16: loaded from `path` if it holds this corpus' embeddings by this model and recipe, resumed if
         partial, else encoded (and saved there)."""
-        contents = [f"{p.title}\n{p.text}" for p in self.passages]  # the corpus row's `contents`, exactly
-        # Longest first: batches of similar length pad little, and an out-of-memory batch shows up at once.
-        order = np.argsort(-np.fromiter(map(len, contents), np.int64, len(contents)), kind="stable")  # (N,)
+        n = len(self.passages)
+        # Longest first (as sentence-transformers' encode sorts): batches of similar length pad little, and an
+        # out-of-memory batch shows up at once.
+        lengths = np.fromiter((len(p.title) + len(p.text) for p in self.passages), np.int64, n)  # (N,)
+        order = np.argsort(-lengths, kind="stable")  # (N,)
         want = {**self._recipe(), "corpus_fingerprint": _contents_fingerprint(self.passages)}
         rows_done, meta_path = 0, None
         if path is None:
-            emb = np.zeros((len(contents), self.dim), dtype=np.float16)
+            emb = np.zeros((n, self.dim), dtype=np.float16)
         else:
             path = Path(path)
             meta_path = path.with_name(path.name + ".json")
             meta = json.loads(meta_path.read_text()) if meta_path.exists() and path.exists() else None
+            if meta is None and path.exists():
+                raise ValueError(f"{path} exists without {meta_path.name} (what it holds is unknown); delete it, or "
+                                 "give another --embeddings")
             if meta is not None:
                 stale = [k for k, v in want.items() if meta.get(k) != v]
                 if stale:
@@ -648,41 +662,67 @@ class DenseRetriever:
                                      f"saved by {meta.get('model')!r}); delete it, or give another --embeddings")
                 emb = np.load(path, mmap_mode="r+" if not meta["complete"] else "r")
                 rows_done = int(meta["rows_done"])
-                self._check_probe(emb, contents, order[:min(_PROBE_ROWS, rows_done)], path, meta.get("model"))
+                self._check_probe(emb, order[:min(_PROBE_ROWS, rows_done)], path, meta.get("model"))
                 if meta["complete"]:
                     self.from_embeddings = True
                     return emb
-                print(f"search.py: resuming {path} at {rows_done:,} of {len(contents):,} passages", file=sys.stderr)
+                print(f"search.py: resuming {path} at {rows_done:,} of {n:,} passages", file=sys.stderr)
             else:
                 path.parent.mkdir(parents=True, exist_ok=True)
-                emb = np.lib.format.open_memmap(path, mode="w+", dtype=np.float16, shape=(len(contents), self.dim))
+                emb = np.lib.format.open_memmap(path, mode="w+", dtype=np.float16, shape=(n, self.dim))
 
         def record(done: int) -> None:  # meta written after the rows it counts, atomically
             if meta_path is not None:
                 emb.flush()
                 tmp = meta_path.with_name(meta_path.name + ".tmp")
                 tmp.write_text(json.dumps({**want, "model": self.model_name, "query_prefix": self.query_prefix,
-                                           "rows_done": done, "complete": done == len(contents)}))
+                                           "rows_done": done, "complete": done == n}))
                 os.replace(tmp, meta_path)
 
-        self._encode_rows(emb, contents, order, rows_done, record)
+        if self.vectors_from is None:
+            self._encode_rows(emb, order, rows_done, record)
+        else:  # the vectors of a flat FAISS index, checked against our own encoding of a few passages
+            self._copy_flat_index(self.vectors_from, emb)
+            record(n)
+            try:
+                self._check_probe(emb, order[:_PROBE_ROWS], self.vectors_from, "its builder")
+            except ValueError:
+                for f in (path, meta_path) if path is not None else ():
+                    f.unlink()
+                raise
         return np.load(path, mmap_mode="r") if path is not None else emb
 
-    def _encode_rows(self, emb, contents: list[str], order: np.ndarray, rows_done: int, record) -> None:
+    def _copy_flat_index(self, index_path, emb) -> None:
+        """Fill emb (N, d) fp16 with the vectors of a flat FAISS index (Search-R1's e5_Flat.index: fp32, 65 GB for
+        wiki-18), read through a memory map one chunk at a time, so RAM never holds the whole index."""
+        faiss = faiss_module()
+        index = faiss.read_index(str(index_path), getattr(faiss, "IO_FLAG_MMAP_IFC", 0))
+        if not isinstance(index, faiss.IndexFlat) or index.ntotal != len(emb) or index.d != self.dim:
+            raise ValueError(f"--faiss-index {index_path}: expected a flat index of {len(emb):,} vectors of dimension "
+                             f"{self.dim}, got {type(index).__name__} with {index.ntotal:,} of dimension {index.d}")
+        for i in range(0, len(emb), self.chunk_size):
+            n = min(self.chunk_size, len(emb) - i)
+            emb[i:i + n] = index.reconstruct_n(i, n).astype(np.float16)  # (n, d)
+
+    def _contents(self, rows) -> list[str]:
+        """The corpus rows' `contents`, exactly: what a passage embedding encodes (after the passage prefix)."""
+        return [f"{self.passages[j].title}\n{self.passages[j].text}" for j in rows]
+
+    def _encode_rows(self, emb, order: np.ndarray, rows_done: int, record) -> None:
         """Encode passages order[rows_done:] into emb, batch_size at a time, one model replica per device."""
         from concurrent.futures import ThreadPoolExecutor
         from tqdm import tqdm
         replicas = [self.model] + [copy.deepcopy(self.model).to(d) for d in self.devices[1:]]
-        starts = list(range(rows_done, len(contents), self.batch_size))
-        bar = tqdm(total=len(contents), initial=rows_done, unit="passage", desc="search.py: encoding passages",
+        starts = list(range(rows_done, len(order), self.batch_size))
+        bar = tqdm(total=len(order), initial=rows_done, unit="passage", desc="search.py: encoding passages",
                    disable=not self.progress, file=sys.stderr)
         last_saved = rows_done
         with ThreadPoolExecutor(len(replicas)) as workers:
             for g in range(0, len(starts), len(replicas)):  # one batch per replica, run concurrently
                 rows = [order[s:s + self.batch_size] for s in starts[g:g + len(replicas)]]
                 # Tokenised here, in one thread (a fast tokenizer is not thread-safe); the forwards run in parallel.
-                batches = [tokenize_batch(self.tokenizer, [contents[j] for j in r], self.passage_prefix,
-                                          self.max_length) for r in rows]
+                batches = [tokenize_batch(self.tokenizer, self._contents(r), self.passage_prefix, self.max_length)
+                           for r in rows]
                 jobs = [workers.submit(embed_batch, m, b, self.pooling, self.normalize)
                         for m, b in zip(replicas, batches)]
                 for r, job in zip(rows, jobs):
@@ -693,13 +733,13 @@ class DenseRetriever:
                     record(done)
                     last_saved = done
         bar.close()
-        record(len(contents))
+        record(len(order))
 
-    def _check_probe(self, emb, contents: list[str], rows: np.ndarray, path, saved_by) -> None:
+    def _check_probe(self, emb, rows: np.ndarray, path, saved_by) -> None:
         """Re-encode a few saved passages: a file made by another model (or other weights) is refused."""
         if not len(rows):
             return
-        fresh = self.encode([contents[j] for j in rows], query=False)  # (P, d)
+        fresh = self.encode(self._contents(rows), query=False)  # (P, d)
         saved = np.asarray(emb[rows], dtype=np.float32)  # (P, d)
         cosine = (fresh * saved).sum(1) / (np.linalg.norm(fresh, axis=1) * np.linalg.norm(saved, axis=1) + 1e-12)
         if cosine.min() < _PROBE_COSINE:
@@ -730,7 +770,9 @@ class DenseRetriever:
         faiss = faiss_module()
         if not Path(path).exists():
             raise ValueError(f"--faiss-index {path}: no such file")
-        index = faiss.read_index(str(path))
+        # Memory-mapped where FAISS can (flat storage: e5_Flat.index is 65 GB): loading takes no RAM, pages come in
+        # as searches touch them.
+        index = faiss.read_index(str(path), getattr(faiss, "IO_FLAG_MMAP_IFC", 0))
         if index.ntotal != len(self.passages) or index.d != self.dim:
             raise ValueError(f"--faiss-index {path}: {index.ntotal:,} vectors of dimension {index.d}, but the corpus "
                              f"has {len(self.passages):,} passages and {self.model_name} makes {self.dim}-d vectors")
@@ -892,7 +934,8 @@ class ServeConfig:
     # dense retrieval (--dense MODEL instead of BM25)
     dense: str | None = None  # encoder, hub id or local directory (intfloat/e5-base-v2: the paper's); None = BM25
     embeddings: str | None = None  # passage embeddings .npy (fp16): loaded, resumed or written; None = beside corpus
-    faiss_index: str | None = None  # FAISS index to search (e.g. Search-R1's e5_Flat.index); `index` writes it
+    faiss_index: str | None = None  # FAISS index to search (e.g. Search-R1's e5_Flat.index); `index`: write it
+    #                                 (with --faiss-build), or copy the embeddings from this flat index
     faiss_build: str | None = None  # `index`: FAISS factory of the index to build, e.g. HNSW32 or IVF4096,PQ96
     faiss_params: str | None = None  # FAISS search parameters, e.g. efSearch=128 or nprobe=64
     faiss_rerank: int = 0  # re-score this many FAISS candidates a query exactly from --embeddings (0: off)
@@ -1037,7 +1080,7 @@ def parse_config(argv=None) -> tuple[str, ServeConfig, list[str]]:
     return command, ServeConfig(**args), text
 
 
-def load_retriever(cfg: ServeConfig, *, progress: bool = True):
+def load_retriever(cfg: ServeConfig, *, progress: bool = True, vectors_from=None):
     """The retriever that `search.py serve|query` builds from its flags: BM25 over cfg.corpus, or DenseRetriever
     with cfg.dense (embeddings at cfg.embeddings, default beside the corpus; or the FAISS index cfg.faiss_index)."""
     if cfg.dense is None:
@@ -1051,21 +1094,24 @@ def load_retriever(cfg: ServeConfig, *, progress: bool = True):
     return DenseRetriever(cfg.dense, cfg.corpus, embeddings_path=embeddings, faiss_index=cfg.faiss_index,
                           faiss_params=cfg.faiss_params, rerank=cfg.faiss_rerank, query_prefix=cfg.query_prefix,
                           passage_prefix=cfg.passage_prefix, pooling=cfg.pooling, normalize=cfg.normalize,
-                          max_length=cfg.max_length, batch_size=cfg.batch_size, progress=progress)
+                          max_length=cfg.max_length, batch_size=cfg.batch_size, vectors_from=vectors_from,
+                          progress=progress)
 
 
 def index_command(cfg: ServeConfig) -> None:
-    """`search.py index`: encode (or resume) the corpus embeddings; with --faiss-build, build a FAISS index from them
-    into --faiss-index and report its recall@topk against exact search."""
+    """`search.py index`: encode (or resume) the corpus embeddings, or with --faiss-index FLAT alone copy them from
+    that flat FAISS index (Search-R1's e5_Flat.index); with --faiss-build, build a FAISS index from them into
+    --faiss-index and report its recall@topk against exact search."""
     if cfg.dense is None:
         raise ValueError("index precomputes dense embeddings: give --dense MODEL (BM25: serve --index DIR builds "
                          "and saves its index)")
-    if bool(cfg.faiss_build) != bool(cfg.faiss_index):
-        raise ValueError("index: --faiss-build FACTORY and --faiss-index FILE (where to write it) go together")
+    if cfg.faiss_build and not cfg.faiss_index:
+        raise ValueError("index: --faiss-build FACTORY needs --faiss-index FILE, where to write it")
     t0 = time.time()
-    retriever = load_retriever(dataclasses.replace(cfg, faiss_index=None))
+    vectors_from = cfg.faiss_index if not cfg.faiss_build else None
+    retriever = load_retriever(dataclasses.replace(cfg, faiss_index=None), vectors_from=vectors_from)
     emb = retriever.embeddings
-    how = "loaded" if retriever.from_embeddings else "encoded"
+    how = "loaded" if retriever.from_embeddings else f"copied from {vectors_from}" if vectors_from else "encoded"
     print(f"search.py: {emb.shape[0]:,} x {emb.shape[1]} fp16 embeddings {how} in {time.time() - t0:.1f} s: "
           f"{emb.filename} ({emb.nbytes / len(emb):.0f} bytes a passage)", file=sys.stderr, flush=True)
     if not cfg.faiss_build:

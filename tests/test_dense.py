@@ -225,6 +225,9 @@ def test_embeddings_saved_reloaded_and_stale_files_refused(tmp_path):
         DenseRetriever(other, passages=passages(), embeddings_path=path, query_prefix="", passage_prefix="",
                        devices=["cpu"], progress=False)
     assert minilm(embeddings_path=path).from_embeddings  # the file is left as it was
+    (tmp_path / "emb.npy.json").unlink()  # never overwritten either when its description is gone
+    with pytest.raises(ValueError, match=r"emb\.npy exists without emb\.npy\.json"):
+        minilm(embeddings_path=path)
 
 
 @needs_minilm
@@ -266,6 +269,18 @@ def test_faiss_flat_index_file_gives_the_exact_results(tmp_path):
     assert_same_hits(reranked.search(queries, 4), exact_saved.search(queries, 4))
     with pytest.raises(ValueError, match="--faiss-rerank re-scores FAISS candidates with saved embeddings"):
         minilm(faiss_index=tmp_path / "flat.index", rerank=6)
+    # Embeddings copied from a flat index (a user's e5_Flat.index) instead of encoded, checked against the encoder.
+    copied = minilm(embeddings_path=tmp_path / "copied.npy", vectors_from=tmp_path / "flat.index")
+    np.testing.assert_array_equal(copied.embeddings, exact.embeddings)
+    rng = np.random.default_rng(0)
+    other = faiss.IndexFlatIP(384)  # vectors of another model: refused, and nothing is left behind
+    other.add(rng.standard_normal((len(DOCS), 384)).astype(np.float32))
+    faiss.write_index(other, str(tmp_path / "other.index"))
+    with pytest.raises(ValueError, match=r"other\.index: embeddings were made by another model"):
+        minilm(embeddings_path=tmp_path / "bad.npy", vectors_from=tmp_path / "other.index")
+    assert not (tmp_path / "bad.npy").exists() and not (tmp_path / "bad.npy.json").exists()
+    with pytest.raises(ValueError, match="expected a flat index of 9 vectors of dimension 384"):
+        minilm(passages=passages()[:9], vectors_from=tmp_path / "flat.index")
     with pytest.raises(ValueError, match=r"--faiss-index .*flat\.index: 10 vectors of dimension 384, but the "
                                          r"corpus has 9 passages"):
         minilm(passages=passages()[:9], faiss_index=tmp_path / "flat.index")
@@ -328,6 +343,11 @@ def test_index_then_query_commands(tmp_path, capsys):
     assert emb.parent == tmp_path and json.loads(Path(f"{emb}.json").read_text())["complete"]
     assert f"{len(DOCS)} x 384 fp16 embeddings encoded" in err and "768 bytes a passage" in err
     assert "recall@3 against exact search 1.000" in err  # a flat index is exact
+    # `index --faiss-index FLAT` alone: the embeddings are copied from that flat index (a user's e5_Flat.index)
+    search.main(["index", "--corpus", str(corpus), *MINILM_FLAGS, "--faiss-index", str(tmp_path / "flat.index"),
+                 "--embeddings", str(tmp_path / "copied.npy")])
+    assert f"fp16 embeddings copied from {tmp_path / 'flat.index'}" in capsys.readouterr().err
+    np.testing.assert_array_equal(np.load(tmp_path / "copied.npy"), np.load(emb))
     local = DenseRetriever(MINILM, corpus, query_prefix="", passage_prefix="", embeddings_path=emb, progress=False)
     assert local.from_embeddings
     want = format_passages(local.search(["who wrote the iliad"], 2)[0])
@@ -345,7 +365,7 @@ def test_command_line_errors_name_the_flag(tmp_path):
         (["index", "--corpus", str(corpus)], "index precomputes dense embeddings: give --dense MODEL"),
         (["serve", "--corpus", str(corpus), "--embeddings", "e.npy"], "--embeddings is for dense retrieval"),
         (["index", "--corpus", str(corpus), "--dense", "m", "--faiss-build", "HNSW32"],
-         "index: --faiss-build FACTORY and --faiss-index FILE"),
+         "index: --faiss-build FACTORY needs --faiss-index FILE"),
     ]:
         with pytest.raises(SystemExit, match="^error: " + message):
             search.main(argv)
