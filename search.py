@@ -1,5 +1,4 @@
-"""Retrieval for the search agent: passages, BM25 and dense (e5) retrieval over a local corpus, and Search-R1's HTTP
-API (client and server).
+"""Retrieval for the search agent: passages, BM25 and dense (e5) retrieval, Search-R1's HTTP API (client, server).
 
     python search.py serve --corpus ../shared/data/corpus/wiki18_sample.jsonl --port 8000 [--index runs/bm25]
     python search.py query --corpus ../shared/data/corpus/wiki18_sample.jsonl --topk 3 "who wrote the iliad"
