@@ -45,7 +45,8 @@ def load_qa(path_or_name: str | os.PathLike, *, split: str = "test", limit: int 
     FlashRAG rows: {"id", "question", "golden_answers": [str]}. Search-R1 rows add "data_source", "prompt"
     (chat messages whose user turn ends "Question: ...") and "reward_model": {"ground_truth": {"target": [...]}};
     the target is what Search-R1's reward reads, so it wins over "golden_answers" when both are present, and the
-    question is taken from "question" or else from the prompt. `source` is data_source, or else the file stem.
+    question is taken from "question" or else from the prompt. `source` is data_source, or else the dataset's name
+from the path: the file stem, or the folder's name for a split-named file (FlashRAG's `nq/test.jsonl` -> "nq").
     A name that is not a local path ("RUC-NLPIR/FlashRAG_datasets/nq", "PeterJinGo/nq_hotpotqa_train") is loaded
     with the `datasets` client; `split` only matters for folders and hub names.
     """
@@ -70,7 +71,15 @@ def load_qa(path_or_name: str | os.PathLike, *, split: str = "test", limit: int 
     else:
         rows = _read_jsonl(path, limit)
         where = "line"
-    return [_to_example(row, f"{path}:{where} {n}", path.stem, i) for i, (n, row) in enumerate(rows)]
+    return [_to_example(row, f"{path}:{where} {n}", dataset_name(path), i) for i, (n, row) in enumerate(rows)]
+
+
+SPLIT_NAMES = ("train", "dev", "test", "val", "validation")
+
+
+def dataset_name(path: Path) -> str:
+    """nq_test_1k.jsonl -> "nq_test_1k"; FlashRAG's nq/test.jsonl -> "nq" (the stem alone would name every set "test")."""
+    return path.parent.resolve().name if path.stem.lower() in SPLIT_NAMES else path.stem
 
 
 def _looks_like_path(name: str) -> bool:
@@ -187,6 +196,77 @@ def _load_hub(name: str, split: str, limit: int | None) -> list[Example]:
         raise DataError(f"{name}: hub dataset could not be loaded (split {split!r}): {first}") from e
     stem = config or parts[1]
     return [_to_example(row, f"{name}:row {i}", stem, i) for i, row in enumerate(ds)]
+
+
+# ---------------------------------------------------------------- evaluation sets
+
+
+def find_benchmark_file(data_dir: Path, name: str) -> Path:
+    """FlashRAG's layout (DIR/nq/test.jsonl) or flat files (DIR/nq_test.jsonl, DIR/qa/nq_test_1k.jsonl, ...)."""
+    tried = []
+    for folder in (data_dir, data_dir / "qa"):
+        for pattern in (f"{name}/test.jsonl", f"{name}/dev.jsonl", f"{name}_test.jsonl", f"{name}_dev.jsonl",
+                        f"{name}_test_*.jsonl", f"{name}_dev_*.jsonl", f"{name}.jsonl"):
+            tried.append(str(folder / pattern))
+            hits = sorted(folder.glob(pattern))
+            if hits:
+                return hits[0]
+    raise FileNotFoundError(f"no file for benchmark {name!r} under {data_dir} (tried {', '.join(tried[:4])}, ...)")
+
+
+def load_eval_sets(specs: list[str], data_dir: str | os.PathLike | None = None) -> dict[str, list[Example]]:
+    """{name: examples} for each spec: a file, a folder or a hub name; with `data_dir`, also a benchmark name
+    looked up there (find_benchmark_file, named as given: "nq").
+
+    A file whose rows carry several data_source values (Search-R1's test.parquet, seven benchmarks) becomes one
+    set per source. Otherwise a set is named by its data_source, or by the dataset's name from its path
+    (dataset_name). Two different files that would share a name are told apart by their folders
+    ("a/nq", "b/nq"); the same file given twice is an error.
+    """
+    loaded, seen = [], {}  # (name, path or None, examples); resolved path -> spec
+    for spec in specs:
+        path = Path(spec).expanduser()
+        named = None
+        if not path.exists() and "/" not in spec and "." not in spec:  # a benchmark name: nq, hotpotqa, ...
+            if data_dir is None:
+                raise DataError(f"{spec}: no such file; a benchmark name is looked up in --data-dir DIR")
+            path, named = find_benchmark_file(Path(data_dir), spec), spec
+        key = str(path.resolve()) if path.exists() else spec
+        if key in seen:
+            raise DataError(f"{spec}: the same eval set is given twice (also as {seen[key]!r})")
+        seen[key] = spec
+        examples = load_qa(path if path.exists() else spec)
+        by_source: dict[str, list[Example]] = {}
+        for e in examples:
+            by_source.setdefault(e.source, []).append(e)
+        if named is not None and len(by_source) <= 1:
+            by_source = {named: examples}
+        if not by_source:
+            raise DataError(f"{spec}: no questions")
+        loaded += [(name, path if path.exists() else None, part) for name, part in by_source.items()]
+    names = [name for name, _, _ in loaded]
+    sets = {}
+    for name, path, examples in loaded:
+        if names.count(name) > 1:  # different files, one name: prefix folders until the names differ
+            if path is None:
+                raise DataError(f"two eval sets are both named {name!r}: give them as files in different folders")
+            others = [p for n, p, _ in loaded if n == name and p != path]
+            depth = 1
+            while any(_tail(path, depth) == _tail(p, depth) for p in others if p is not None) and depth < 8:
+                depth += 1
+            name = f"{_tail(path, depth)}/{name}" if _tail(path, depth) else name
+        if name in sets:
+            raise DataError(f"two eval sets are both named {name!r} (a mixed file and a separate file of one source?)")
+        sets[name] = examples
+    return sets
+
+
+def _tail(path: Path, depth: int) -> str:
+    """The last `depth` folder names above a dataset's own name (the folder of nq/test.jsonl is the name itself)."""
+    parts = path.resolve().parent.parts
+    if path.stem.lower() in SPLIT_NAMES:
+        parts = parts[:-1]
+    return "/".join(parts[-depth:]) if parts else ""
 
 
 # ---------------------------------------------------------------- the synthetic world

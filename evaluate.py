@@ -1,10 +1,13 @@
-"""Answer extraction and scoring (exact match is the reward and the metric), the benchmark runner, run plots.
+"""Answer extraction and scoring (exact match is the reward and the metric), the results table, run plots.
 
-    python evaluate.py --model runs/NAME/checkpoint --data-dir ../shared/data --benchmarks nq,bamboogle \
-        --corpus ../shared/data/corpus/wiki18_sample.jsonl --limit 100    # greedy episodes, the paper's table
-    python evaluate.py --model tiny --benchmarks synthetic --topk 1 --max-new-tokens 40   # the testbed's start
     python evaluate.py score ../shared/data/searchr1_eval/*.jsonl    # rows with "final_response", "golden_answers"
     python evaluate.py plot runs/NAME                                # RUN/curves.png: reward, EM, searches, KL
+    python train.py --eval-only --model runs/NAME/checkpoint         # the benchmark runner (greedy episodes)
+
+The benchmark runner is `train.py --eval-only` (as Search-R1's evaluate.sh runs verl's trainer with val_only):
+it needs model loading, retrieval and rollouts, which sit above this module, and sharing train.py's flags means a
+checkpoint is evaluated with the settings it was trained with. This module stays at the bottom: rollout.py
+scores each episode with `exact_match`, and nothing here imports the model code.
 
 Scoring, as Search-R1 and FlashRAG define it:
   answer     = the text of the last complete <answer>...</answer> in the model's *response*, stripped
@@ -164,24 +167,11 @@ def format_score_table(results: list[dict]) -> str:
     return "\n".join(lines)
 
 
-# ---------------------------------------------------------------- benchmark runner
+# ---------------------------------------------------------------- benchmark results
 
 # The paper's seven benchmarks, in its table's order, with the column names it prints.
 BENCHMARKS = {"nq": "NQ", "triviaqa": "TriviaQA", "popqa": "PopQA", "hotpotqa": "HotpotQA",
               "2wiki": "2wiki", "musique": "Musique", "bamboogle": "Bamboogle"}
-
-
-def find_benchmark_file(data_dir: Path, name: str) -> Path:
-    """FlashRAG's layout (DIR/nq/test.jsonl) or flat files (DIR/nq_test.jsonl, DIR/qa/nq_test_1k.jsonl, ...)."""
-    tried = []
-    for folder in (data_dir, data_dir / "qa"):
-        for pattern in (f"{name}/test.jsonl", f"{name}/dev.jsonl", f"{name}_test.jsonl", f"{name}_dev.jsonl",
-                        f"{name}_test_*.jsonl", f"{name}_dev_*.jsonl", f"{name}.jsonl"):
-            tried.append(str(folder / pattern))
-            hits = sorted(folder.glob(pattern))
-            if hits:
-                return hits[0]
-    raise SystemExit(f"error: no file for benchmark {name!r} under {data_dir} (tried {', '.join(tried[:4])}, ...)")
 
 
 def score_episodes(episodes) -> dict:
@@ -192,30 +182,6 @@ def score_episodes(episodes) -> dict:
         "searches": sum(e.num_searches for e in episodes) / n,
         "n": len(episodes),
     }
-
-
-def evaluate_sets(model, tokenizer, eval_sets: dict, retriever, cfg, *, rank=0, world_size=1,
-                  batch_size=64, predictions_dir=None, progress=False) -> dict:
-    """Greedy episodes on each eval set; {name: {"em", "f1", "searches", "n"}}. Ranks split the questions."""
-    import torch.distributed as dist
-    from tqdm.auto import tqdm
-
-    from rollout import rollout
-
-    results = {}
-    for name, examples in eval_sets.items():
-        mine = examples[rank::world_size]
-        episodes = []
-        for start in tqdm(range(0, len(mine), batch_size), desc=f"eval {name}", disable=not progress, leave=False):
-            episodes += rollout(model, tokenizer, mine[start:start + batch_size], retriever, cfg)
-        if world_size > 1:
-            gathered = [None] * world_size
-            dist.all_gather_object(gathered, episodes)
-            episodes = [e for part in gathered for e in part]
-        results[name] = score_episodes(episodes)
-        if predictions_dir is not None and rank == 0:
-            write_predictions(Path(predictions_dir) / f"{name}.jsonl", episodes)
-    return results
 
 
 def write_predictions(path: Path, episodes) -> None:
@@ -262,26 +228,41 @@ def plot_run(run_dir: Path, out: Path | None = None) -> Path:
         raise SystemExit(f"error: {path}: no metrics.jsonl (not a run folder?)")
     rows = [json.loads(line) for line in path.read_text().splitlines() if line.strip()]
 
-    def series(key, phases=("grpo", "opsd", "eval")):
-        pts = [(r["unit"], r[key]) for r in rows if key in r and r["phase"] in phases]
+    def series(key, phase):
+        pts = [(r["unit"], r[key]) for r in rows if key in r and r["phase"] == phase]
         return [x for x, _ in pts], [y for _, y in pts]
 
-    fig, axes = plt.subplots(4, 1, figsize=(9, 10), sharex=True)
+    # (key, label, phase, how): "line" joins a phase's points along the schedule; "points" leaves each alone (one
+    # per OPSD phase: joining phases would draw a trend nothing measured); ("before", key2) draws each OPSD phase
+    # as one segment from key (its start) to key2 (its end).
+    eval_keys = sorted({k for r in rows for k in r if k.startswith("eval/") and k.endswith("/em")})
     panels = [
-        ("reward (exact match of rollouts)", [("reward/mean", "train rollouts", ("grpo", "opsd"))]),
-        ("eval exact match", [(k, k.split("/")[1], ("eval",)) for k in sorted({k for r in rows for k in r
-                                                                               if k.startswith("eval/") and k.endswith("/em")})]),
-        ("searches per episode", [("rollout/searches_per_episode", "GRPO rollouts", ("grpo",)),
-                                  ("opsd_rollout/searches_per_episode", "OPSD rollouts", ("opsd",))]),
-        ("KL", [("grpo/kl", "GRPO: k3 KL to reference", ("grpo",)),
-                ("opsd/kl_before", "OPSD: KL(teacher||student) before", ("opsd",)),
-                ("opsd/kl_after", "OPSD: after", ("opsd",))]),
+        ("reward (exact match of rollouts)", [("reward/mean", "GRPO rollouts", "grpo", "line"),
+                                              ("opsd_rollout/reward_mean", "OPSD rollouts", "opsd", "points")]),
+        ("eval exact match", [(k, k.split("/")[1], "eval", "line") for k in eval_keys]),
+        ("searches per episode", [("rollout/searches_per_episode", "GRPO rollouts", "grpo", "line"),
+                                  ("opsd_rollout/searches_per_episode", "OPSD rollouts", "opsd", "points")]),
+        ("KL", [("grpo/kl", "GRPO: k3 KL to reference", "grpo", "line"),
+                ("opsd/kl_before", "OPSD: KL(teacher||student), start -> end of phase", "opsd",
+                 ("before", "opsd/kl_after"))]),
     ]
+    fig, axes = plt.subplots(len(panels), 1, figsize=(9, 2.5 * len(panels)), sharex=True)
     for ax, (ylabel, lines) in zip(axes, panels):
-        for key, label, phases in lines:
-            xs, ys = series(key, phases)
-            if xs:
+        for key, label, phase, how in lines:
+            xs, ys = series(key, phase)
+            if not xs:
+                continue
+            if how == "line":
                 ax.plot(xs, ys, marker="o", markersize=3, label=label)
+            elif how == "points":
+                ax.plot(xs, ys, ls="none", marker="D", markersize=5, label=label)
+            else:
+                ends = dict(zip(*series(how[1], phase)))
+                color = None
+                for x, y in zip(xs, ys):
+                    seg = ax.plot([x - 0.3, x + 0.3], [y, ends.get(x, y)], marker="o", markersize=3, color=color,
+                                  label=label if color is None else None)
+                    color = seg[0].get_color()
         for r in rows:
             if r["phase"] == "opsd":
                 ax.axvspan(r["unit"] - 0.5, r["unit"] + 0.5, color="tab:orange", alpha=0.15, lw=0)
@@ -316,62 +297,6 @@ def cmd_score(args) -> int:
     return 0
 
 
-def cmd_run(argv: list[str]) -> int:
-    """Greedy evaluation of a model on benchmark files: the paper's table, predictions as jsonl."""
-    parser = argparse.ArgumentParser(prog="evaluate.py", description="evaluate a search agent (greedy episodes)")
-    parser.add_argument("--model", required=True, help="'tiny', a hub id, a local directory or a run's checkpoint")
-    parser.add_argument("--gguf-file", default=None, help="a GGUF file inside --model")
-    parser.add_argument("--benchmarks", default=",".join(BENCHMARKS),
-                        help="comma-separated names looked up in --data-dir, or 'synthetic' (the built-in world)")
-    parser.add_argument("--data-dir", default=None, help="folder with FlashRAG files (nq/test.jsonl or nq_test.jsonl)")
-    parser.add_argument("--retriever", default=None, help="http://host:port/retrieve (Search-R1 API)")
-    parser.add_argument("--corpus", default=None, help="Search-R1 corpus jsonl for local BM25")
-    parser.add_argument("--limit", type=int, default=None, help="questions per benchmark")
-    parser.add_argument("--topk", type=int, default=3)
-    parser.add_argument("--max-turns", type=int, default=4)
-    parser.add_argument("--max-new-tokens", type=int, default=500)
-    parser.add_argument("--max-obs-tokens", type=int, default=500)
-    parser.add_argument("--max-context-tokens", type=int, default=4096)
-    parser.add_argument("--batch-size", type=int, default=64, help="questions per rollout batch")
-    parser.add_argument("--bf16", action="store_true")
-    parser.add_argument("--out", default=None, help="folder for predictions (one jsonl per benchmark)")
-    args = parser.parse_args(argv)
-
-    import torch
-
-    import data
-    import train
-
-    names = [n.strip() for n in args.benchmarks.split(",") if n.strip()]
-    cfg = train.TrainConfig(model=args.model, gguf_file=args.gguf_file, bf16=args.bf16, topk=args.topk,
-                            max_turns=args.max_turns, max_new_tokens=args.max_new_tokens,
-                            max_obs_tokens=args.max_obs_tokens, max_context_tokens=args.max_context_tokens)
-    world = data.make_world(**train.world_args(cfg)) if "synthetic" in names or args.model == "tiny" else None
-    try:
-        sets = {}
-        for name in names:
-            if name == "synthetic":
-                sets[name] = world.test
-            elif args.data_dir is None:
-                raise SystemExit(f"error: benchmark {name!r} needs --data-dir")
-            else:
-                sets[name] = data.load_qa(find_benchmark_file(Path(args.data_dir), name))
-        sets = {k: v[:args.limit] if args.limit else v for k, v in sets.items()}
-        if not (args.retriever or args.corpus or names == ["synthetic"]):
-            raise SystemExit("error: give --corpus FILE (local BM25) or --retriever URL")
-    except (OSError, ValueError) as e:
-        raise SystemExit(f"error: {e}")
-    retriever = train.make_retriever(args.retriever, args.corpus, world)
-    device = torch.device("cuda" if torch.cuda.is_available() else "cpu")
-    model, tokenizer = train.load_model(cfg, world, device)
-    results = evaluate_sets(model.eval(), tokenizer, sets, retriever, train.rollout_config(cfg, seed=0, greedy=True),
-                            batch_size=args.batch_size, predictions_dir=args.out, progress=True)
-    print(format_table(results, title=f"{args.model}: exact match (greedy)"))
-    if args.out:
-        (Path(args.out) / "results.json").write_text(json.dumps(results, indent=2))
-    return 0
-
-
 def main(argv: list[str] | None = None) -> int:
     argv = sys.argv[1:] if argv is None else argv
     if argv[:1] == ["plot"]:
@@ -387,7 +312,10 @@ def main(argv: list[str] | None = None) -> int:
         parser.add_argument("files", nargs="+", help="jsonl files, e.g. Search-R1/FlashRAG evaluation outputs")
         parser.add_argument("--field", default="final_response", help="the row field holding the model's response")
         return cmd_score(parser.parse_args(argv[1:]))
-    return cmd_run(argv)
+    hint = " ".join(argv) if argv and argv[0].startswith("-") else "--model MODEL ..."
+    print(f"error: evaluate.py scores files (`score`) and plots runs (`plot`); to evaluate a model on benchmarks, "
+          f"run `python train.py --eval-only {hint}` (same flags as training)", file=sys.stderr)
+    return 2
 
 
 if __name__ == "__main__":

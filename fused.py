@@ -3,6 +3,8 @@
     hidden, weight = hidden_states(model, input_ids, attention_mask)   # (B, L, H), (V, H): no logits computed
     logps = token_logprobs(hidden[rows], weight, targets)             # (N,)  log p(target | prefix)
     kl = forward_kl(student_h, teacher_h, weight, teacher_weight, clip=1.0)  # (N,)  KL(teacher || student)
+    batch = pad_batch(prompts, responses, loss_masks, device)          # episodes -> tensors (grpo.py, opsd.py)
+    logps, entropy = response_logprobs(model, batch, chunk_size, temperature)   # (B, T) at the loss tokens
 
 With z = h W^T / temperature (one row per token, V entries), p = softmax(z):
 
@@ -24,6 +26,8 @@ Out of scope: heads that are not a plain linear map, e.g. a final logit softcapp
 (Cohere, Granite) or an lm_head bias; `hidden_states` refuses those models.
 """
 from __future__ import annotations
+
+from dataclasses import dataclass
 
 import torch
 
@@ -235,3 +239,52 @@ def hidden_states(model, input_ids: torch.Tensor, attention_mask: torch.Tensor):
     out = model.get_decoder()(input_ids=input_ids, attention_mask=attention_mask, position_ids=position_ids,
                               use_cache=False)
     return out.last_hidden_state, head.weight
+
+
+# ---------------------------------------------------------------- episodes as batches of token ids
+
+
+@dataclass
+class Batch:
+    input_ids: torch.Tensor  # (B, L) prompt + response, right-padded with 0 (never read: attention_mask says)
+    attention_mask: torch.Tensor  # (B, L) 1 on real tokens, from lengths
+    loss_mask: torch.Tensor  # (B, T) response positions, 1 = trained
+    rows: torch.Tensor  # (n,) batch row of each loss token
+    cols: torch.Tensor  # (n,) its response position t
+    positions: torch.Tensor  # (n,) position of the hidden state that predicts it: len(prompt) + t - 1
+    targets: torch.Tensor  # (n,) the token
+
+
+def pad_batch(prompts: list[list[int]], responses: list[list[int]], loss_masks: list[list[int]], device) -> Batch:
+    """Right-padded tensors for prompt + response sequences; every mask comes from lengths and loss masks."""
+    B, L, T = len(prompts), max(len(p) + len(r) for p, r in zip(prompts, responses)), max(map(len, responses))
+    input_ids = torch.zeros(B, L, dtype=torch.long)  # (B, L)
+    attention_mask = torch.zeros(B, L, dtype=torch.long)  # (B, L)
+    loss_mask = torch.zeros(B, T, dtype=torch.long)  # (B, T)
+    rows, cols, positions = [], [], []
+    for b, (p, r, m) in enumerate(zip(prompts, responses, loss_masks)):
+        assert p and len(r) == len(m), "a prompt is never empty; a loss mask is as long as its response"
+        input_ids[b, :len(p) + len(r)] = torch.tensor(p + r)
+        attention_mask[b, :len(p) + len(r)] = 1
+        loss_mask[b, :len(m)] = torch.tensor(m, dtype=torch.long)
+        ts = [t for t, keep in enumerate(m) if keep]
+        rows += [b] * len(ts)
+        cols += ts
+        positions += [len(p) + t - 1 for t in ts]
+    rows, cols, positions = (torch.tensor(x, dtype=torch.long) for x in (rows, cols, positions))
+    targets = input_ids[rows, positions + 1]  # (n,)
+    return Batch(*(x.to(device) for x in (input_ids, attention_mask, loss_mask, rows, cols, positions, targets)))
+
+
+def response_hidden(model, batch: Batch):
+    """Final hidden states at the loss tokens' predicting positions (n, H), and the lm_head weight (V, H)."""
+    hidden, weight = hidden_states(model, batch.input_ids, batch.attention_mask)  # (B, L, H), (V, H)
+    return hidden[batch.rows, batch.positions], weight
+
+
+def response_logprobs(model, batch: Batch, chunk_size: int, temperature: float):
+    """log pi(token | prefix) at loss tokens as (B, T) (0 elsewhere), and the policy entropy there (n,)."""
+    h, weight = response_hidden(model, batch)  # (n, H), (V, H)
+    logp, entropy = token_logprobs(h, weight, batch.targets, chunk_size, temperature, return_entropy=True)
+    logps = logp.new_zeros(batch.loss_mask.shape).index_put((batch.rows, batch.cols), logp)  # (B, T)
+    return logps, entropy

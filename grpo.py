@@ -29,8 +29,11 @@ Deviations from the paper and from Search-R1's code (verl), numbered:
 3. k3 is not clamped; verl's `low_var_kl` clamps it to [-10, 10], which zeroes the gradient of far-off tokens.
 4. Options the paper does not use, off by default: epsilon_high (DAPO), scale_rewards batch/none, loss_type
    seq_mean/dr_grpo, mask_truncated_completions, num_iterations > 1, mini_batch_size < batch.
-With one optimizer step per rollout batch (the default), pi_old is the current policy (detached): ratio = 1, the
-clip never binds, and the gradient is the plain policy gradient with the group baseline.
+Optimizer steps per rollout batch = num_iterations * ceil(episodes / mini_batch_size). Search-R1's defaults
+(train.py: 512 questions x 5 = 2,560 episodes in mini-batches of 256 x 5 = 1,280) give two: the first step's
+ratio is exactly 1, the second's is pi / pi_old with pi_old = the policy before the first, so the clip can bind.
+With one step per batch (mini_batch_size = the whole batch), pi_old is the current policy (detached): ratio = 1,
+the clip never binds, and the gradient is the plain policy gradient with the group baseline.
 """
 from __future__ import annotations
 
@@ -38,9 +41,9 @@ import math
 from dataclasses import dataclass
 
 import torch
-import torch.distributed as dist
 
-import fused
+from fused import pad_batch, response_logprobs
+from parallel import all_gather, all_reduce_sum, optimizer_step
 
 ADV_EPS = 1e-6  # verl's compute_grpo_outcome_advantage, as Search-R1 uses it (TRL uses 1e-4)
 
@@ -66,7 +69,7 @@ def compute_advantages(rewards, group_ids, scale_rewards: str = "group") -> torc
         if scale_rewards == "group":
             advantages[idx] /= r.std() + ADV_EPS
     if scale_rewards == "batch":
-        advantages /= _gather(rewards).std() + ADV_EPS
+        advantages /= all_gather(rewards).std() + ADV_EPS
     elif scale_rewards not in ("group", "none"):
         raise ValueError(f"scale_rewards={scale_rewards!r}: choose group, batch or none")
     return advantages
@@ -111,114 +114,6 @@ def policy_loss(logps, old_logps, advantages, loss_mask, *, epsilon: float = 0.2
         if kl is not None:
             metrics["kl"] = (kl * mask).sum() / n
     return loss, metrics
-
-
-# ---------------------------------------------------------------- batches of token ids
-
-
-@dataclass
-class Batch:
-    input_ids: torch.Tensor  # (B, L) prompt + response, right-padded with 0 (never read: attention_mask says)
-    attention_mask: torch.Tensor  # (B, L) 1 on real tokens, from lengths
-    loss_mask: torch.Tensor  # (B, T) response positions, 1 = trained
-    rows: torch.Tensor  # (n,) batch row of each loss token
-    cols: torch.Tensor  # (n,) its response position t
-    positions: torch.Tensor  # (n,) position of the hidden state that predicts it: len(prompt) + t - 1
-    targets: torch.Tensor  # (n,) the token
-
-
-def pad_batch(prompts: list[list[int]], responses: list[list[int]], loss_masks: list[list[int]], device) -> Batch:
-    """Right-padded tensors for prompt + response sequences; every mask comes from lengths and loss masks."""
-    B, L, T = len(prompts), max(len(p) + len(r) for p, r in zip(prompts, responses)), max(map(len, responses))
-    input_ids = torch.zeros(B, L, dtype=torch.long)  # (B, L)
-    attention_mask = torch.zeros(B, L, dtype=torch.long)  # (B, L)
-    loss_mask = torch.zeros(B, T, dtype=torch.long)  # (B, T)
-    rows, cols, positions = [], [], []
-    for b, (p, r, m) in enumerate(zip(prompts, responses, loss_masks)):
-        assert p and len(r) == len(m), "a prompt is never empty; a loss mask is as long as its response"
-        input_ids[b, :len(p) + len(r)] = torch.tensor(p + r)
-        attention_mask[b, :len(p) + len(r)] = 1
-        loss_mask[b, :len(m)] = torch.tensor(m, dtype=torch.long)
-        ts = [t for t, keep in enumerate(m) if keep]
-        rows += [b] * len(ts)
-        cols += ts
-        positions += [len(p) + t - 1 for t in ts]
-    rows, cols, positions = (torch.tensor(x, dtype=torch.long) for x in (rows, cols, positions))
-    targets = input_ids[rows, positions + 1]  # (n,)
-    return Batch(*(x.to(device) for x in (input_ids, attention_mask, loss_mask, rows, cols, positions, targets)))
-
-
-def response_hidden(model, batch: Batch):
-    """Final hidden states at the loss tokens' predicting positions (n, H), and the lm_head weight (V, H)."""
-    hidden, weight = fused.hidden_states(model, batch.input_ids, batch.attention_mask)  # (B, L, H), (V, H)
-    return hidden[batch.rows, batch.positions], weight
-
-
-def response_logprobs(model, batch: Batch, chunk_size: int, temperature: float):
-    """log pi(token | prefix) at loss tokens as (B, T) (0 elsewhere), and the policy entropy there (n,)."""
-    h, weight = response_hidden(model, batch)  # (n, H), (V, H)
-    logp, entropy = fused.token_logprobs(h, weight, batch.targets, chunk_size, temperature, return_entropy=True)
-    logps = logp.new_zeros(batch.loss_mask.shape).index_put((batch.rows, batch.cols), logp)  # (B, T)
-    return logps, entropy
-
-
-# ---------------------------------------------------------------- distributed plumbing
-
-
-def distributed() -> bool:
-    return dist.is_available() and dist.is_initialized()
-
-
-def all_reduce_sum(x: torch.Tensor) -> torch.Tensor:
-    """Sum over processes (identity in a single process); bookkeeping numbers, so on NCCL it hops to the GPU."""
-    if not distributed():
-        return x
-    device = torch.device("cuda", torch.cuda.current_device()) if dist.get_backend() == "nccl" else x.device
-    y = x.detach().to(device, copy=True)
-    dist.all_reduce(y)
-    return y.to(x.device)
-
-
-def _gather(values: torch.Tensor) -> torch.Tensor:
-    """Concatenate a 1-d tensor over processes (sizes may differ)."""
-    if not distributed():
-        return values
-    parts = [None] * dist.get_world_size()
-    dist.all_gather_object(parts, values.tolist())
-    return torch.tensor([v for part in parts for v in part], dtype=values.dtype)
-
-
-def all_reduce_grads(model) -> None:
-    """SUM gradients over processes, once per optimizer step, after local accumulation.
-
-    We do not wrap the model in DDP: losses are computed from the decoder's hidden states (fused.hidden_states),
-    which bypasses a DDP wrapper's forward. Normalisers are global, so the sum is the gradient of the global loss.
-    A parameter without gradient on this process contributes zeros, so every process joins every all-reduce.
-    """
-    if not distributed():
-        return
-    for p in model.parameters():
-        if p.requires_grad:
-            if p.grad is None:
-                p.grad = torch.zeros_like(p)
-            dist.all_reduce(p.grad)  # one call per tensor: simple; bucketing would be faster on many GPUs
-
-
-def optimizer_step(model, optimizer, loss: torch.Tensor, max_grad_norm: float | None) -> tuple[float, float, bool]:
-    """All-reduce, clip and apply the accumulated gradients -> (global loss, grad norm, applied).
-
-    A non-finite loss or gradient norm skips the step: the gradients are zeroed, never applied. Every process
-    takes the same decision (both numbers are global).
-    """
-    all_reduce_grads(model)
-    loss = float(all_reduce_sum(loss.detach().reshape(1).double()))
-    params = [p for p in model.parameters() if p.grad is not None]
-    grad_norm = float(torch.nn.utils.clip_grad_norm_(params, max_grad_norm or math.inf)) if params else 0.0
-    applied = math.isfinite(loss) and math.isfinite(grad_norm)
-    if applied:
-        optimizer.step()
-    optimizer.zero_grad(set_to_none=True)
-    return loss, grad_norm, applied
 
 
 # ---------------------------------------------------------------- one update
@@ -312,7 +207,7 @@ def grpo_step(policy, ref_model, optimizer, episodes, cfg) -> dict:
     totals = all_reduce_sum(torch.tensor([sums[k] for k in keys] + [float(rewards.sum()), float(n), len(groups),
                                          zero_std_groups], dtype=torch.float64)).tolist()
     tok = max(totals[0], 1.0)
-    all_rewards = _gather(rewards)
+    all_rewards = all_gather(rewards)
     metrics = {
         "grpo/loss": sum(losses) / max(len(losses), 1),
         "grpo/clip_fraction": totals[1] / tok,

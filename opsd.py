@@ -1,8 +1,11 @@
 """On-policy self-distillation (OPSD): the policy, shown a verified sibling solution, teaches itself without it.
 
-    pairs, stats = mine_pairs(episodes, students="most_different")       # after a fresh rollout of G per question
-    teacher = copy.deepcopy(policy).eval().requires_grad_(False)        # frozen at the start of the phase
-    metrics = opsd_step(policy, teacher, optimizer, pairs[:64], tokenizer, cfg)
+    metrics = opsd_phase(policy, episodes, tokenizer, cfg, seed=seed)   # train.py, after each GRPO phase
+
+One phase, on fresh on-policy episodes (G per question, this process's share), as `grpo_step` is one GRPO update:
+  1 mine (student, reference) sibling pairs      2 build each teacher prompt, within the length bound
+  3 freeze the teacher (the policy at the start of the phase)      4 KL before
+  5 `opsd_epochs` passes of optimizer steps over the pairs (`opsd_step`)      6 KL after
 
 The method (Search-E1, DESIGN.md "The method" 2-4):
 1. Pairs. Per question (group of G on-policy samples), the reference is a correct episode (reward >= threshold)
@@ -13,6 +16,11 @@ The method (Search-E1, DESIGN.md "The method" 2-4):
    different queries, reasoning and answers all count and retrieved text does not.
 2. Teacher context (ours, one constant: TEACHER_CONTEXT): the reference's response text (its reasoning, searches,
    retrieved documents and answer, special tokens dropped) appended to the user turn of the normal prompt.
+   Length bound (ours): the teacher reads privileged prompt + student response, which could reach twice
+   max_context_tokens. It must fit in `opsd_max_tokens` (None = max_context_tokens) and in the model's
+   positions; a pair over the bound first loses the reference's retrieved documents (each <information> block
+   keeps its tags around OMITTED: the searches and the answer are what the student lacks), and is skipped if it is
+   still over (both counted: opsd/cut_references, opsd/skipped_long_pairs).
 3. Both models score the SAME student response tokens: the student (current policy) after the normal prompt, the
    teacher (frozen policy) after the privileged prompt. Retrieved tokens (loss mask 0) are excluded.
 4. Loss, a token mean over all loss tokens of the step (all processes):
@@ -24,26 +32,34 @@ The method (Search-E1, DESIGN.md "The method" 2-4):
    gradient. clip = 1.0 (train.py's default): a term exceeds 1 only if p_S < p_T * e^(-1/p_T) (p_T = 1: 0.37,
    0.5: 0.068, 0.2: 0.0013), i.e. where the student all but rules out a token the teacher is sure of; ordinary
    disagreement stays unclipped. None = plain forward KL.
-The paper trains a LoRA adapter in this phase; here the whole policy is trained (LoRA is not implemented).
+The paper trains a LoRA adapter in this phase; here the whole policy is trained (LoRA is not implemented), with a
+fresh AdamW per phase.
 """
 from __future__ import annotations
 
+import copy
+import math
+import random
 from dataclasses import dataclass
 
 import torch
 
 import fused
-from grpo import all_reduce_sum, optimizer_step, pad_batch, response_hidden
-from rollout import Episode, build_prompt
+from fused import pad_batch, response_hidden
+from parallel import all_mean, all_reduce_sum, all_sum, max_over_ranks, optimizer_step, world_size
+from rollout import OBSERVATION_CLOSE, OBSERVATION_OPEN, Episode, build_prompt
 
 # The privileged context appended to the teacher's user turn; {reference} = the reference episode's response.
 TEACHER_CONTEXT = "\n\nA verified correct solution to this question, for reference:\n{reference}\n"
+# What a retrieved block of the reference becomes when the teacher sequence is over its bound.
+OMITTED = "(documents omitted)"
 
 
 @dataclass
 class Pair:
     student: Episode  # the sibling whose sampled tokens are scored
     reference: Episode  # the correct sibling the teacher reads
+    teacher_ids: list[int] | None = None  # the teacher's prompt, once built (bound_teacher_prompts)
 
 
 # ---------------------------------------------------------------- pairs and the teacher prompt
@@ -92,17 +108,47 @@ def mine_pairs(episodes: list[Episode], students: str = "most_different", thresh
     return pairs, stats
 
 
-def reference_text(tokenizer, episode: Episode) -> str:
-    # Special tokens dropped: an end-of-turn token inside the user turn would end it.
-    return tokenizer.decode(episode.response_ids, skip_special_tokens=True).strip()
+def reference_text(tokenizer, episode: Episode, keep_documents: bool = True) -> str:
+    """The reference's response as the teacher reads it, special tokens dropped (an end-of-turn token inside the
+    user turn would end it). keep_documents=False: each retrieved block becomes <information>OMITTED</information>."""
+    if keep_documents:
+        return tokenizer.decode(episode.response_ids, skip_special_tokens=True).strip()
+    pieces, start = [], 0
+    for end in range(1, len(episode.response_ids) + 1):  # runs of equal loss mask: sampled vs injected text
+        if end == len(episode.response_ids) or episode.loss_mask[end] != episode.loss_mask[start]:
+            text = tokenizer.decode(episode.response_ids[start:end], skip_special_tokens=True)
+            if not episode.loss_mask[start] and text.lstrip().startswith(OBSERVATION_OPEN.strip()):  # provenance
+                text = OBSERVATION_OPEN + OMITTED + OBSERVATION_CLOSE
+            pieces.append(text)
+            start = end
+    return "".join(pieces).strip()
 
 
-def teacher_prompt_ids(tokenizer, pair: Pair) -> list[int]:
+def teacher_prompt_ids(tokenizer, pair: Pair, keep_documents: bool = True) -> list[int]:
     """The student's question in the normal prompt, with the reference trajectory appended to the user turn."""
-    privileged = TEACHER_CONTEXT.format(reference=reference_text(tokenizer, pair.reference))
+    if pair.teacher_ids is not None and keep_documents:
+        return pair.teacher_ids
+    privileged = TEACHER_CONTEXT.format(reference=reference_text(tokenizer, pair.reference, keep_documents))
     prompt = build_prompt(tokenizer, pair.student.example.question, privileged=privileged)
     # tokenized as rollout.py tokenizes the student's prompt (special tokens only without a chat template)
     return tokenizer(prompt, add_special_tokens=not getattr(tokenizer, "chat_template", None)).input_ids
+
+
+def bound_teacher_prompts(pairs: list[Pair], tokenizer, max_tokens: int) -> tuple[list[Pair], dict]:
+    """Set each pair's teacher prompt so that prompt + student response <= max_tokens (module docstring, 2):
+    documents cut from the reference first, the pair dropped if that is not enough -> (kept pairs, counts)."""
+    kept, cut, skipped = [], 0, 0
+    for pair in pairs:
+        response = len(pair.student.response_ids)
+        for keep_documents in (True, False):
+            ids = teacher_prompt_ids(tokenizer, pair, keep_documents)
+            if len(ids) + response <= max_tokens:
+                kept.append(Pair(pair.student, pair.reference, ids))
+                cut += not keep_documents
+                break
+        else:
+            skipped += 1
+    return kept, {"cut_references": float(cut), "skipped_long_pairs": float(skipped)}
 
 
 # ---------------------------------------------------------------- the loss
@@ -158,15 +204,17 @@ def opsd_step(student_model, teacher_model, optimizer, pairs: list[Pair], tokeni
             kl_sum += float(m["kl_sum"])
             entropy_sum += float(m["entropy_sum"])
         loss_value, grad_norm, applied = optimizer_step(student_model, optimizer, step_loss, cfg.max_grad_norm)
-    else:  # no student token on any process: nothing to learn, no step
-        loss_value, grad_norm, applied = 0.0, 0.0, True
+        skipped = not applied
+    else:  # no student token on any process: nothing to learn, no step (and nothing skipped)
+        loss_value, grad_norm, applied, skipped = 0.0, 0.0, False, False
     kl_total, entropy_total = all_reduce_sum(torch.tensor([kl_sum, entropy_sum], dtype=torch.float64)).tolist()
     return {
         "opsd/loss": loss_value,  # clipped KL, token mean
         "opsd/kl": kl_total / max(num_tokens, 1.0),  # unclipped KL(teacher || student), token mean, before the step
         "opsd/student_entropy": entropy_total / max(num_tokens, 1.0),
         "opsd/grad_norm": grad_norm,
-        "opsd/skipped_steps": float(not applied),
+        "opsd/optimizer_steps": float(applied),  # as grpo/optimizer_steps: applied steps only
+        "opsd/skipped_steps": float(skipped),  # a non-finite loss or gradient
         "opsd/loss_tokens": num_tokens,
     }
 
@@ -184,3 +232,53 @@ def opsd_kl(student_model, teacher_model, pairs: list[Pair], tokenizer, cfg) -> 
         tokens += kl.shape[0]
     kl_sum, tokens = all_reduce_sum(torch.tensor([kl_sum, tokens], dtype=torch.float64)).tolist()
     return kl_sum / max(tokens, 1.0)
+
+
+# ---------------------------------------------------------------- one phase
+
+
+def phase_metrics(steps: list[dict]) -> dict:
+    """Step metrics over the phase: token-weighted means, summed counts (each step's are already global)."""
+    tokens = sum(m["opsd/loss_tokens"] for m in steps)
+    out = {k: sum(m[k] for m in steps) for k in ("opsd/loss_tokens", "opsd/optimizer_steps", "opsd/skipped_steps")}
+    for key in ("opsd/loss", "opsd/kl", "opsd/student_entropy"):
+        out[key] = sum(m[key] * m["opsd/loss_tokens"] for m in steps) / tokens if tokens else 0.0
+    out["opsd/grad_norm"] = sum(m["opsd/grad_norm"] for m in steps) / max(len(steps), 1)
+    return out
+
+
+def opsd_phase(policy, episodes: list[Episode], tokenizer, cfg, *, seed: int) -> dict:
+    """One OPSD phase on fresh on-policy episodes (this process's share) -> namespaced metrics (module docstring).
+
+    cfg attributes: opsd_students, opsd_max_tokens, max_context_tokens, opsd_lr, lr, weight_decay, opsd_epochs,
+    opsd_batch_size (pairs per optimizer step, all processes), and those of opsd_step. `seed` orders the pairs.
+    """
+    # 1-2. pairs, each with its teacher prompt within the length bound
+    pairs, mined = mine_pairs(episodes, students=cfg.opsd_students)
+    positions = getattr(policy.config.get_text_config(), "max_position_embeddings", None) or math.inf
+    max_tokens = min(cfg.opsd_max_tokens or cfg.max_context_tokens, positions)
+    pairs, bounded = bound_teacher_prompts(pairs, tokenizer, max_tokens)
+    counts = {k: mined.pop(k) for k in ("pairs", "groups", "skipped_groups")} | bounded
+    counts["pairs"] = float(len(pairs))  # the pairs trained on: mined, minus those over the length bound
+    metrics = {f"opsd/{k}": v for k, v in all_mean(mined).items()}  # means over processes
+    metrics |= {f"opsd/{k}": v for k, v in all_sum(counts).items()}  # sums over processes
+
+    # 3-4. the teacher: the policy as it is now, frozen
+    teacher = copy.deepcopy(policy).eval().requires_grad_(False)
+    optimizer = torch.optim.AdamW(policy.parameters(), lr=cfg.opsd_lr or cfg.lr, weight_decay=cfg.weight_decay)
+    metrics["opsd/kl_before"] = opsd_kl(policy, teacher, pairs, tokenizer, cfg)
+
+    # 5. optimizer steps; every process takes the same number (gradients are all-reduced), some maybe empty
+    per_rank = max(cfg.opsd_batch_size // world_size(), 1)
+    num_steps = -(-max_over_ranks(len(pairs)) // per_rank)
+    rng, steps = random.Random(seed), []
+    for _ in range(cfg.opsd_epochs):
+        order = rng.sample(pairs, len(pairs))
+        for i in range(num_steps):
+            steps.append(opsd_step(policy, teacher, optimizer, order[i * per_rank:(i + 1) * per_rank], tokenizer,
+                                   cfg))
+    metrics |= phase_metrics(steps)
+
+    # 6. what the phase did to the KL on its own pairs
+    metrics["opsd/kl_after"] = opsd_kl(policy, teacher, pairs, tokenizer, cfg)
+    return metrics

@@ -29,14 +29,13 @@ reading practice, on the retrieved passages:
 Measured results (the starting exact match, what GRPO does with it) are in the README, "The built-in testbed".
 The tokenizer splits numbers into digits, as Qwen2's does, so a year is four well-trained tokens; the world's
 names come out as single tokens. Built once (~3 minutes on 2 cores) and cached under `$SEARCH_E1_CACHE` (default
-~/.cache/search-e1), keyed by a hash of this recipe, the world's generator and the rollout format, so any change
-rebuilds it.
+~/.cache/search-e1), keyed by a hash of what shapes it (`recipe_key`: the recipe, the world's content, the text
+it is trained on), so any change that matters rebuilds it, and nothing else does.
     python -c "import data, tiny; tiny.load_tiny(data.make_world())"
 """
 from __future__ import annotations
 
 import hashlib
-import inspect
 import math
 import os
 import random
@@ -52,7 +51,6 @@ from transformers import AutoModelForCausalLM, AutoTokenizer, PreTrainedTokenize
 import data
 import opsd
 import rollout
-import search
 from search import BM25Retriever, parse_corpus_row
 
 # ChatML, as Qwen2.5 writes it (minus Qwen's default system message).
@@ -94,15 +92,26 @@ def cache_dir() -> Path:
     return Path(os.environ.get("SEARCH_E1_CACHE", Path.home() / ".cache" / "search-e1"))
 
 
-def recipe_key(recipe: TinyRecipe, world_args: dict) -> str:
-    """Hash of everything the tiny model depends on: recipe, world arguments, and the code that writes both."""
+def recipe_key(recipe: TinyRecipe, world) -> str:
+    """Hash of exactly what shapes the model: the recipe, the world's content, and the text it is trained on
+    (the chat template, the instruction, the teacher context, the observation format, through a sample of the
+    warm-start trajectories of both stages). Module sources are not hashed: a comment edit rebuilds nothing."""
     h = hashlib.sha256()
     h.update(repr(sorted(asdict(recipe).items())).encode())
-    h.update(repr(sorted(world_args.items())).encode())
-    for module in (data, rollout, search, opsd):
-        h.update(inspect.getsource(module).encode())
-    h.update(Path(__file__).read_bytes())
+    h.update(world_fingerprint(world).encode())
+    h.update(repr((CHAT_TEMPLATE, SPECIAL_TOKENS, rollout.INSTRUCTION, opsd.TEACHER_CONTEXT)).encode())
+    observations = title_observations(world, recipe.topk)
+    for flawed in (False, True):
+        h.update(repr(warm_start_texts(world, recipe, 256, flawed, observations)).encode())
     return h.hexdigest()[:16]
+
+
+def world_fingerprint(world) -> str:
+    h = hashlib.sha256()
+    for part in (world.corpus, [asdict(e) for e in world.train + world.test], sorted(world.plans.items()),
+                 sorted(world.facts.items())):
+        h.update(repr(part).encode())
+    return h.hexdigest()
 
 
 # ---------------------------------------------------------------- trajectories
@@ -208,12 +217,10 @@ def title_observations(world, topk: int) -> dict[str, str]:
     return {t: rollout.format_observation(ps) for t, ps in zip(titles, retriever.search(titles, topk))}
 
 
-def warm_start_data(world, tokenizer, recipe: TinyRecipe, n: int, flawed: bool,
-                    observations: dict[str, str] | None = None) -> list[tuple[list[int], list[int]]]:
-    """(token ids, loss mask) of n warm-start trajectories on the world's training questions: ideal ones (the
-    drills), or the flawed mix with its share of privileged prompts."""
+def warm_start_texts(world, recipe: TinyRecipe, n: int, flawed: bool, observations: dict[str, str]):
+    """(question, privileged context, segments) of n warm-start trajectories on the world's training questions:
+    ideal ones (the drills), or the flawed mix with its share of privileged prompts."""
     rng = random.Random(recipe.seed + int(flawed))
-    observations = observations or title_observations(world, recipe.topk)
     answers = [e.golden_answers[0] for e in world.train]
     guesses = {year: [a for a in answers if a.isdigit() == year] for year in (False, True)}
     # Each question in turn, so none is seen much more often than the others: with thousands of distinct
@@ -232,9 +239,16 @@ def warm_start_data(world, tokenizer, recipe: TinyRecipe, n: int, flawed: bool,
             privileged = opsd.TEACHER_CONTEXT.format(reference="".join(text for text, _ in segments))
         else:
             segments = flawed_trajectory(example, plan, observations, world.facts, guesses, recipe, rng)
-        prompt = rollout.build_prompt(tokenizer, example.question, privileged=privileged)
-        out.append(encode_trajectory(tokenizer, prompt, segments))
+        out.append((example.question, privileged, segments))
     return out
+
+
+def warm_start_data(world, tokenizer, recipe: TinyRecipe, n: int, flawed: bool,
+                    observations: dict[str, str] | None = None) -> list[tuple[list[int], list[int]]]:
+    """(token ids, loss mask) of the n trajectories of warm_start_texts, in the rollout's prompt format."""
+    observations = observations or title_observations(world, recipe.topk)
+    return [encode_trajectory(tokenizer, rollout.build_prompt(tokenizer, question, privileged=privileged), segments)
+            for question, privileged, segments in warm_start_texts(world, recipe, n, flawed, observations)]
 
 
 # ---------------------------------------------------------------- model
@@ -311,14 +325,13 @@ def warm_start(model, world, tokenizer, recipe: TinyRecipe, log=print) -> list[f
 QUICK_RECIPE = TinyRecipe(drill_steps=8, flawed_steps=4)
 
 
-def load_tiny(world, world_args: dict | None = None, recipe: TinyRecipe | None = None, log=print):
+def load_tiny(world, recipe: TinyRecipe | None = None, log=print):
     """(model, tokenizer) for the built-in tiny agent; built on first use, then loaded from the cache.
 
     SEARCH_E1_TINY_QUICK=1 selects QUICK_RECIPE (the test suite sets it)."""
-    world_args = world_args or {}
     if recipe is None:
         recipe = QUICK_RECIPE if os.environ.get("SEARCH_E1_TINY_QUICK") == "1" else TinyRecipe()
-    path = cache_dir() / f"tiny-{recipe_key(recipe, world_args)}"
+    path = cache_dir() / f"tiny-{recipe_key(recipe, world)}"
     if not (path / "config.json").exists():
         log(f"building the tiny model (once; cached at {path}) ...")
         torch.manual_seed(recipe.seed)

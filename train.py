@@ -5,29 +5,36 @@
         --eval-data nq_test.jsonl,hotpotqa_dev.jsonl --retriever http://127.0.0.1:8000/retrieve --bf16
     torchrun --nproc_per_node 8 train.py ...             # one rank per GPU (gloo on CPU)
     python train.py --resume runs/NAME                  # continue a killed run from its last checkpoint
+    python train.py --eval-only --model runs/NAME/checkpoint [--eval-data nq,bamboogle --data-dir DIR]
 
 The loop: an evaluation of the starting model (round -1, the baseline; --no-eval-at-start skips it), then per
 round (the paper runs 2):
   GRPO phase, `grpo_steps` steps:  1 rollout  -> 2 reward (exact match) -> 3 group advantage
-                                   -> 4 old/ref log-probs -> 5 clipped policy update  (grpo.py)
-  OPSD phase: roll out the current policy on fresh training questions, mine (student, reference) sibling pairs,
-              freeze a copy of the policy as teacher, and minimise the clipped forward KL(teacher || student) on
-              the student's own tokens, the teacher reading the reference in its prompt  (opsd.py)
-  evaluation: greedy episodes on the eval sets, exact match per set and the average  (evaluate.py)
+                                   -> 4 old/ref log-probs -> 5 clipped policy update      (grpo.grpo_step)
+  OPSD phase:                      1 rollout on fresh questions -> 2 sibling pairs -> 3 frozen teacher
+                                   -> 4-6 clipped forward KL(teacher || student) steps    (opsd.opsd_phase)
+  evaluation:                      greedy episodes on the eval sets, exact match per set and the average
 
-Every step appends one line to RUN/metrics.jsonl; RUN/checkpoint holds the latest state (weights, optimizer, RNG,
-position in the schedule), written atomically every `save_every` GRPO steps and after each phase, so a run
-killed at any moment resumes from its last checkpoint and ends with the same numbers as an uninterrupted run.
+Every unit of the schedule appends one line to RUN/metrics.jsonl; RUN/checkpoint holds the latest state (weights,
+optimizer, RNG, position in the schedule), written atomically every `save_every` GRPO steps and after each phase,
+so a run killed at any moment resumes from its last checkpoint and ends with the same numbers as an uninterrupted
+run. `--eval-only` is the benchmark runner (Search-R1's evaluate.sh runs verl's trainer with val_only=True, the
+same idea): the same flags, model loading and retrieval as training, and a checkpoint brings its run's settings.
+
+The file reads top-down: configuration, loading, the schedule, then `main`, whose loop marks each block
+# ALGO (the method: rollout, update, evaluation) or # PLUMBING (logging, checkpoints, processes).
 """
 import argparse
 import copy
 import dataclasses
 import inspect
 import json
+import math
 import os
 import random
 import re
 import shutil
+import sys
 import time
 import typing
 from dataclasses import asdict, dataclass
@@ -42,6 +49,7 @@ import data
 import evaluate
 import grpo
 import opsd
+import parallel
 from rollout import RolloutConfig, rollout
 from search import BM25Retriever, HTTPRetriever, parse_corpus_row
 
@@ -49,13 +57,14 @@ from search import BM25Retriever, HTTPRetriever, parse_corpus_row
 @dataclass
 class TrainConfig:
     # --- model
-    model: str = "tiny"  # "tiny" (built-in, trained in-process), a hub id, or a local directory
+    model: str = "tiny"  # "tiny" (built-in, trained in-process), a hub id, a local directory or a run's checkpoint
     gguf_file: str | None = None  # load `model` from this GGUF file inside it (needs gguf + accelerate)
     bf16: bool = False  # bfloat16 weights and activations (GPU); fp32 otherwise
     gradient_checkpointing: bool = False  # recompute activations in backward (large models)
     # --- data
     train_data: str | None = None  # FlashRAG / Search-R1 file or hub name; None = the synthetic world
-    eval_data: str | None = None  # comma-separated files or hub names; None = the synthetic world's test split
+    eval_data: str | None = None  # comma-separated files, hub names or benchmark names (with --data-dir); None = synthetic
+    data_dir: str | None = None  # where benchmark names in --eval-data are looked up (FlashRAG's nq/test.jsonl, ...)
     eval_limit: int | None = None  # questions per eval set (None = all)
     world_seed: int = 0  # seed of the synthetic world
     world_scale: float = 8.0  # entities in the synthetic world, x 320 passages
@@ -98,7 +107,9 @@ class TrainConfig:
     opsd_lr: float | None = None  # None = lr
     opsd_clip: float | None = 1.0  # upper clip of each vocabulary entry's KL term (None = off)
     opsd_students: str = "most_different"  # most_different | incorrect | all
+    opsd_max_tokens: int | None = None  # bound on the teacher's sequence (privileged prompt + student response); None = max_context_tokens
     # --- plumbing
+    eval_only: bool = False  # evaluate --model on the eval sets and stop (the benchmark runner)
     eval_at_start: bool = True  # evaluate the starting model first: the baseline of the curves (--no-eval-at-start)
     output_dir: str = "runs"  # run folders go here
     run_name: str | None = None  # None = a timestamp
@@ -114,16 +125,31 @@ TINY_DEFAULTS = dict(
     mini_batch_size=None, micro_batch_size=80, max_new_tokens=40, max_obs_tokens=160, max_context_tokens=800,
     eval_limit=200, save_every=4, opsd_lr=2e-4, topk=1,  # topk: the passages tiny.py warm-starts on
 )
+# Fields a checkpoint's saved configuration does not pass on to a run or evaluation started from it.
+NOT_INHERITED = ("model", "gguf_file", "resume", "run_name", "output_dir", "eval_only", "save_rollouts")
+EVAL_QUESTIONS_PER_BATCH = 64  # questions per greedy rollout batch in evaluation
+
+
+# ---------------------------------------------------------------- configuration
+
+
+def _flag(name: str) -> str:
+    return "--" + name.replace("_", "-")
 
 
 def parse_config(argv=None) -> TrainConfig:
-    """Flags from the dataclass: one per field, its comment as help; "none" sets an optional field to None."""
+    """Flags from the dataclass: one per field, its comment as help; "none" sets an optional field to None.
+
+    Defaults come, in order, from the command line, then the model's own settings (TINY_DEFAULTS for "tiny", the
+    saved configuration of a run's checkpoint), then the dataclass.
+    """
     parser = argparse.ArgumentParser(description=__doc__.split("\n")[0])
     hints = typing.get_type_hints(TrainConfig)
     comments = dict(re.findall(r"^    (\w+): .*?#\s*(.*)$", inspect.getsource(TrainConfig), re.M))
     for f in dataclasses.fields(TrainConfig):
-        flag, kind = "--" + f.name.replace("_", "-"), hints[f.name]
-        help = f"{comments.get(f.name, '')} (default: {f.default})"
+        flag, kind = _flag(f.name), hints[f.name]
+        tiny = f"; --model tiny: {TINY_DEFAULTS[f.name]}" if f.name in TINY_DEFAULTS else ""
+        help = f"{comments.get(f.name, '')} (default: {f.default}{tiny})".replace("%", "%%")
         if kind is bool:
             parser.add_argument(flag, action=argparse.BooleanOptionalAction, default=None, help=help)
         else:
@@ -136,42 +162,114 @@ def parse_config(argv=None) -> TrainConfig:
         # A resumed run keeps its own config; only the resume path comes from the command line.
         if set(given) - {"resume"}:
             raise SystemExit("error: --resume takes no other flags (the run keeps its config.json)")
-        path = Path(given["resume"]) / "config.json"
+        run_dir = Path(given["resume"])
+        if (run_dir / "trainer_state.pt").exists():
+            raise SystemExit(f"error: --resume {run_dir}: this is a checkpoint; resume its run folder {run_dir.parent}")
         try:
-            # (runs from before eval_at_start existed have no baseline unit in their schedule)
-            return TrainConfig(**{"eval_at_start": False, **json.loads(path.read_text()), "resume": given["resume"]})
-        except (OSError, ValueError, TypeError) as e:
-            raise SystemExit(f"error: --resume {given['resume']}: no readable config.json there ({e})")
-    if given.get("model", "tiny") == "tiny":
-        given = {**TINY_DEFAULTS, **given}
-    return TrainConfig(**given)
+            saved = json.loads((run_dir / "config.json").read_text())
+        except (OSError, ValueError) as e:
+            raise SystemExit(f"error: --resume {run_dir}: no readable config.json there ({e})")
+        # (runs from before eval_at_start existed have no baseline unit in their schedule)
+        return _config({"eval_at_start": False, **saved, "resume": given["resume"]})
+    model = given.get("model", "tiny")
+    if model == "tiny":
+        base = TINY_DEFAULTS
+    else:
+        saved = checkpoint_config(model)
+        base = {k: v for k, v in (saved or {}).items() if k not in NOT_INHERITED}
+    return _config({**base, **given})
+
+
+def config_markdown() -> str:
+    """The README's configuration tables, from the dataclass (tests/test_train.py checks the README has them)."""
+    defaults = {f.name: f.default for f in dataclasses.fields(TrainConfig)}
+    out = []
+    for line in inspect.getsource(TrainConfig).splitlines():
+        if section := re.match(r"\s+# --- (.*)", line):
+            out += ["", f"**{section.group(1)}**", "", "| flag | default | meaning |", "|---|---|---|"]
+        elif field := re.match(r"    (\w+): .*?#\s*(.*)$", line):
+            name, comment = field.groups()
+            default = json.dumps(defaults[name]) if isinstance(defaults[name], str) else str(defaults[name])
+            tiny = f" (tiny: {TINY_DEFAULTS[name]})" if name in TINY_DEFAULTS else ""
+            out.append(f"| `{_flag(name)}` | {default}{tiny} | {comment.replace('|', '/')} |")
+    return "\n".join(out[1:])
+
+
+def _config(values: dict) -> TrainConfig:
+    names = {f.name for f in dataclasses.fields(TrainConfig)}
+    return TrainConfig(**{k: v for k, v in values.items() if k in names})  # (keys of older/newer versions dropped)
+
+
+def checkpoint_config(model: str) -> dict | None:
+    """The training configuration saved with a run's checkpoint (None for anything else)."""
+    path = Path(model)
+    for candidate in (path / "run_config.json", path.parent / "config.json"):
+        if (path / "trainer_state.pt").exists() and candidate.exists():
+            try:
+                return json.loads(candidate.read_text())
+            except ValueError as e:
+                raise SystemExit(f"error: {candidate}: unreadable ({e})")
+    return None
+
+
+def is_run_folder(path: Path) -> bool:
+    return (path / "metrics.jsonl").exists() or (path / "checkpoint" / "trainer_state.pt").exists()
+
+
+# Every numeric field's range: (test, what it must be). Optional fields may also be None.
+RANGES = {
+    "eval_limit": (lambda v: v >= 1, "at least 1"),
+    "world_seed": (lambda v: v >= 0, "non-negative"),
+    "world_scale": (lambda v: v > 0, "positive"),
+    "world_train": (lambda v: v >= 1, "at least 1"),
+    "topk": (lambda v: 1 <= v <= 100, "in 1..100"),
+    "num_generations": (lambda v: v >= 2, "at least 2 (group advantages need siblings)"),
+    "max_turns": (lambda v: v >= 0, "non-negative"),
+    "max_new_tokens": (lambda v: v >= 1, "at least 1"),
+    "max_obs_tokens": (lambda v: v >= 1, "at least 1"),
+    "max_context_tokens": (lambda v: v >= 2, "at least 2"),
+    "temperature": (lambda v: v > 0, "positive (evaluation is greedy anyway; 0 would divide the log-probs by 0)"),
+    "top_p": (lambda v: 0 < v <= 1, "in (0, 1]"),
+    "num_rounds": (lambda v: v >= 0, "non-negative"),
+    "grpo_steps": (lambda v: v >= 0, "non-negative"),
+    "batch_size": (lambda v: v >= 1, "at least 1"),
+    "opsd_questions": (lambda v: v >= 1, "at least 1"),
+    "opsd_epochs": (lambda v: v >= 1, "at least 1"),
+    "opsd_batch_size": (lambda v: v >= 1, "at least 1"),
+    "lr": (lambda v: v > 0, "positive"),
+    "weight_decay": (lambda v: v >= 0, "non-negative"),
+    "beta": (lambda v: v >= 0, "non-negative"),
+    "epsilon": (lambda v: 0 < v < 1, "in (0, 1)"),
+    "epsilon_high": (lambda v: v > 0, "positive"),
+    "num_iterations": (lambda v: v >= 1, "at least 1"),
+    "mini_batch_size": (lambda v: v >= 0, "non-negative (0 = the whole batch)"),
+    "micro_batch_size": (lambda v: v >= 1, "at least 1"),
+    "max_grad_norm": (lambda v: v > 0, "positive"),
+    "chunk_size": (lambda v: v >= 1, "at least 1"),
+    "opsd_lr": (lambda v: v > 0, "positive"),
+    "opsd_clip": (lambda v: v > 0, "positive"),
+    "opsd_max_tokens": (lambda v: v >= 2, "at least 2"),
+    "seed": (lambda v: v >= 0, "non-negative"),
+    "save_every": (lambda v: v >= 1, "at least 1"),
+}
+CHOICES = {"loss_type": ("token_mean", "seq_mean", "dr_grpo"), "scale_rewards": ("group", "batch", "none"),
+           "opsd_students": ("most_different", "incorrect", "all")}
 
 
 def check_config(cfg: TrainConfig, world_size: int) -> None:
-    """Impossible configurations end here, before anything is loaded or written."""
+    """Impossible configurations end here, before anything is loaded or written: one `error:` line."""
     def bad(msg):
         raise SystemExit(f"error: {msg}")
-    if cfg.batch_size % world_size:
-        bad(f"--batch-size {cfg.batch_size} is not divisible by the {world_size} processes")
-    if cfg.opsd_questions % world_size:
-        bad(f"--opsd-questions {cfg.opsd_questions} is not divisible by the {world_size} processes")
-    if cfg.loss_type not in ("token_mean", "seq_mean", "dr_grpo"):
-        bad(f"--loss-type {cfg.loss_type!r}: choose token_mean, seq_mean or dr_grpo")
-    if cfg.scale_rewards not in ("group", "batch", "none"):
-        bad(f"--scale-rewards {cfg.scale_rewards!r}: choose group, batch or none")
-    if cfg.opsd_students not in ("most_different", "incorrect", "all"):
-        bad(f"--opsd-students {cfg.opsd_students!r}: choose most_different, incorrect or all")
-    if cfg.num_generations < 2:
-        bad("--num-generations must be at least 2 (group advantages need siblings)")
-    for name in ("batch_size", "opsd_questions", "opsd_batch_size", "opsd_epochs", "num_iterations", "chunk_size",
-                 "micro_batch_size", "max_new_tokens", "max_obs_tokens", "topk", "save_every"):
-        if getattr(cfg, name) < 1:
-            bad(f"--{name.replace('_', '-')} must be at least 1")
-    for name in ("grpo_steps", "num_rounds", "max_turns"):
-        if getattr(cfg, name) < 0:
-            bad(f"--{name.replace('_', '-')} must not be negative")
-    if cfg.opsd_batch_size % world_size:
-        bad(f"--opsd-batch-size {cfg.opsd_batch_size} is not divisible by the {world_size} processes")
+    for name, (ok, what) in RANGES.items():
+        value = getattr(cfg, name)
+        if value is not None and not (math.isfinite(value) and ok(value)):
+            bad(f"{_flag(name)} {value}: must be {what}")
+    for name, choices in CHOICES.items():
+        if getattr(cfg, name) not in choices:
+            bad(f"{_flag(name)} {getattr(cfg, name)!r}: choose {', '.join(choices)}")
+    for name in ("batch_size", "opsd_questions", "opsd_batch_size"):
+        if getattr(cfg, name) % world_size:
+            bad(f"{_flag(name)} {getattr(cfg, name)} is not divisible by the {world_size} processes")
     if cfg.mini_batch_size and (cfg.batch_size * cfg.num_generations) % cfg.mini_batch_size:
         bad(f"--mini-batch-size {cfg.mini_batch_size} does not divide the {cfg.batch_size * cfg.num_generations} "
             "episodes of a step")
@@ -179,10 +277,15 @@ def check_config(cfg: TrainConfig, world_size: int) -> None:
         bad(f"--mini-batch-size {cfg.mini_batch_size} is not divisible by the {world_size} processes")
     if cfg.train_data and not (cfg.corpus or cfg.retriever):
         bad("--train-data needs a retriever: give --corpus FILE (local BM25) or --retriever URL")
-    if bool(cfg.train_data) != bool(cfg.eval_data):
+    if cfg.eval_only:
+        if cfg.eval_data and not cfg.train_data and not (cfg.corpus or cfg.retriever):
+            bad("--eval-data needs a retriever: give --corpus FILE (local BM25) or --retriever URL")
+    elif bool(cfg.train_data) != bool(cfg.eval_data):
         bad("--train-data and --eval-data go together (without both, the run uses the synthetic world)")
-    if not cfg.train_data and cfg.corpus:
+    if not (cfg.train_data or cfg.eval_data) and cfg.corpus:
         bad("--corpus needs --train-data and --eval-data (the synthetic world brings its own corpus)")
+    if is_run_folder(Path(cfg.model)):
+        bad(f"--model {cfg.model}: this is a run folder: use {Path(cfg.model) / 'checkpoint'}")
 
 
 def rollout_config(cfg: TrainConfig, *, seed: int, greedy: bool = False) -> RolloutConfig:
@@ -198,7 +301,7 @@ def rollout_config(cfg: TrainConfig, *, seed: int, greedy: bool = False) -> Roll
 
 
 def load_model(cfg: TrainConfig, world, device):
-    """(model, tokenizer). 'tiny' is built in-process (tiny.py); anything else goes through transformers."""
+    """(model, tokenizer), dropout off. 'tiny' is built in-process (tiny.py); anything else goes through transformers."""
     from transformers import AutoModelForCausalLM, AutoTokenizer
 
     if cfg.model == "tiny":
@@ -208,25 +311,61 @@ def load_model(cfg: TrainConfig, world, device):
         rank, world_size = int(os.environ.get("RANK", 0)), int(os.environ.get("WORLD_SIZE", 1))
         if rank != 0 and world_size > 1:
             dist.barrier()
-        model, tokenizer = tiny.load_tiny(world, world_args(cfg), log=tqdm.write)
+        model, tokenizer = tiny.load_tiny(world, log=tqdm.write)
         if rank == 0 and world_size > 1:
             dist.barrier()
     else:
         kwargs = {"gguf_file": cfg.gguf_file} if cfg.gguf_file else {}
+        if not Path(cfg.model).is_dir():
+            kwargs |= hub_access(cfg.model)
         try:
             tokenizer = AutoTokenizer.from_pretrained(cfg.model, **kwargs)
             model = AutoModelForCausalLM.from_pretrained(
                 cfg.model, dtype=torch.bfloat16 if cfg.bf16 else torch.float32, **kwargs
             )
         except (OSError, ValueError) as e:
-            offline = " (HF_HUB_OFFLINE is set: give a local directory)" if os.environ.get("HF_HUB_OFFLINE") else ""
-            raise SystemExit(f"error: cannot load model {cfg.model!r}{offline}: {str(e).splitlines()[0]}")
+            raise SystemExit(f"error: cannot load model {cfg.model!r}: {str(e).strip().splitlines()[0]}")
     if cfg.bf16:
         model = model.to(torch.bfloat16)
+    disable_dropout(model)
     if cfg.gradient_checkpointing:
         model.gradient_checkpointing_enable()
         model.config.use_cache = False  # rollouts pass use_cache explicitly
     return model.to(device), tokenizer
+
+
+def hub_access(name: str) -> dict:
+    """A hub id: from the local cache if it is there, else from the hub if it answers; else one clear error now
+    (an unreachable hub otherwise costs ~50 s of retries before transformers gives up)."""
+    from huggingface_hub import constants, try_to_load_from_cache
+
+    if isinstance(try_to_load_from_cache(name, "config.json"), str):
+        return {"local_files_only": True}
+    hint = "give a local directory (a `save_pretrained` folder or a run's checkpoint)"
+    if constants.HF_HUB_OFFLINE:
+        raise SystemExit(f"error: cannot load model {name!r}: not a local directory and not in the hub cache, and "
+                         f"HF_HUB_OFFLINE is set: {hint}")
+    import requests
+
+    try:
+        requests.head(constants.ENDPOINT, timeout=5)
+    except requests.RequestException as e:
+        raise SystemExit(f"error: cannot load model {name!r}: not a local directory, not in the hub cache, and "
+                         f"{constants.ENDPOINT} is unreachable ({type(e).__name__}): {hint}")
+    return {}
+
+
+def disable_dropout(model) -> None:
+    """No dropout anywhere, in train mode too (TRL's disable_dropout_in_model, plus the attention's dropout rate
+    that Qwen2/Llama attention modules keep as a float): the policy's log-probs (train mode, for gradient
+    checkpointing) and the reference's and teacher's (eval mode) then come from the same function, so the first
+    GRPO ratio is exactly 1."""
+    for module in model.modules():
+        if isinstance(module, torch.nn.Dropout):
+            module.p = 0.0
+        for name, value in list(vars(module).items()):
+            if "dropout" in name and isinstance(value, float):
+                setattr(module, name, 0.0)
 
 
 def world_args(cfg: TrainConfig) -> dict:
@@ -251,28 +390,25 @@ def make_retriever(url: str | None, corpus: str | None, world):
 def load_data(cfg: TrainConfig):
     """(world or None, train examples, {eval name: examples}, retriever)."""
     world = None
-    if not cfg.train_data or cfg.model == "tiny":  # the tiny model's tokenizer is trained on the world
+    if not (cfg.train_data and cfg.eval_data) or cfg.model == "tiny":  # the tiny tokenizer is trained on the world
         world = data.make_world(**world_args(cfg))
     try:
-        train = data.load_qa(cfg.train_data, split="train") if cfg.train_data else world.train
+        train = [] if cfg.eval_only else data.load_qa(cfg.train_data, split="train") if cfg.train_data else world.train
         if cfg.eval_data:
-            evals = {}
-            for name in cfg.eval_data.split(","):
-                examples = data.load_qa(name.strip())
-                evals[examples[0].source if examples else Path(name).stem] = examples
+            evals = data.load_eval_sets([s.strip() for s in cfg.eval_data.split(",") if s.strip()], cfg.data_dir)
         else:
             evals = {"synthetic": world.test}
     except (OSError, ValueError, KeyError) as e:
         raise SystemExit(f"error: {e}")
     if cfg.eval_limit:
         evals = {k: v[:cfg.eval_limit] for k, v in evals.items()}
-    if not train:
+    if not train and not cfg.eval_only:
         raise SystemExit(f"error: {cfg.train_data}: no training questions")
     retriever = make_retriever(cfg.retriever, cfg.corpus, world)
     return world, train, evals, retriever
 
 
-# ---------------------------------------------------------------- the schedule
+# ---------------------------------------------------------------- the schedule and the data stream
 
 
 def schedule(cfg: TrainConfig) -> list[tuple[int, str, int]]:
@@ -297,6 +433,15 @@ def draw_questions(examples, n: int, seed: int, offset: int):
     return out
 
 
+def stream_offset(cfg: TrainConfig, rnd: int, phase: str, step: int) -> int:
+    """Where a unit's questions start in the stream: the GRPO steps take its first num_rounds x grpo_steps x
+    batch_size questions, in order; the OPSD phases take theirs beyond all of those, so the two never share a
+    position (the same question meets both only when the stream has wrapped into a new epoch)."""
+    if phase == "grpo":
+        return (rnd * cfg.grpo_steps + step) * cfg.batch_size
+    return (cfg.num_rounds * cfg.grpo_steps + rnd) * cfg.batch_size + rnd * cfg.opsd_questions
+
+
 def shard(items, rank: int, world_size: int):
     """Whole questions per rank, so a GRPO group never straddles processes."""
     return items[rank::world_size]
@@ -306,7 +451,30 @@ def unit_seed(cfg: TrainConfig, unit: int, rank: int) -> int:
     return (cfg.seed * 1_000_003 + unit) * 1009 + rank
 
 
-# ---------------------------------------------------------------- plumbing: checkpoints and logs
+# ---------------------------------------------------------------- evaluation (the benchmark runner's core)
+
+
+def evaluate_sets(model, tokenizer, eval_sets: dict, retriever, cfg: RolloutConfig, *, rank=0, world_size=1,
+                  predictions_dir=None, progress=False) -> dict:
+    """Greedy episodes on each eval set; {name: {"em", "f1", "searches", "n"}}. Ranks split the questions."""
+    results = {}
+    for name, examples in eval_sets.items():
+        mine = examples[rank::world_size]
+        episodes = []
+        starts = range(0, len(mine), EVAL_QUESTIONS_PER_BATCH)
+        for start in tqdm(starts, desc=f"eval {name}", disable=not progress, leave=False):
+            episodes += rollout(model, tokenizer, mine[start:start + EVAL_QUESTIONS_PER_BATCH], retriever, cfg)
+        if world_size > 1:
+            gathered = [None] * world_size
+            dist.all_gather_object(gathered, episodes)
+            episodes = [e for part in gathered for e in part]
+        results[name] = evaluate.score_episodes(episodes)
+        if predictions_dir is not None and rank == 0:
+            evaluate.write_predictions(Path(predictions_dir) / f"{name.replace('/', '_')}.jsonl", episodes)
+    return results
+
+
+# ---------------------------------------------------------------- plumbing: checkpoints, logs, progress
 
 
 def save_checkpoint(run_dir: Path, model, tokenizer, optimizer, state: dict) -> None:
@@ -315,6 +483,7 @@ def save_checkpoint(run_dir: Path, model, tokenizer, optimizer, state: dict) -> 
     shutil.rmtree(tmp, ignore_errors=True)
     model.save_pretrained(tmp, max_shard_size="1000GB")  # one file, so resume reads model.safetensors
     tokenizer.save_pretrained(tmp)
+    (tmp / "run_config.json").write_text(json.dumps(state["config"], indent=2))  # what --model CHECKPOINT inherits
     rng = {"python": random.getstate(), "numpy": np.random.get_state(), "torch": torch.get_rng_state()}
     torch.save({"optimizer": optimizer.state_dict(), "rng": rng, **state}, tmp / "trainer_state.pt")
     if final.exists():
@@ -328,6 +497,24 @@ def find_checkpoint(run_dir: Path) -> Path | None:
         if (run_dir / name / "trainer_state.pt").exists():
             return run_dir / name
     return None
+
+
+def restore_checkpoint(ckpt: Path, policy, optimizer, device) -> dict:
+    """Weights, optimizer and RNG states from a checkpoint -> its trainer state (next unit, metrics lines, ...)."""
+    from safetensors.torch import load_file
+
+    state = torch.load(ckpt / "trainer_state.pt", map_location="cpu", weights_only=False)
+    weights = load_file(ckpt / "model.safetensors", device=str(device))
+    missing, unexpected = policy.load_state_dict(weights, strict=False)
+    # A tied lm_head is saved once, as the embedding; only such a model may lack it.
+    tied = getattr(policy.config.get_text_config(), "tie_word_embeddings", False)
+    if unexpected or set(missing) - ({"lm_head.weight"} if tied else set()):
+        raise SystemExit(f"error: {ckpt}: checkpoint does not match the model (missing {missing[:3]}, unexpected "
+                         f"{unexpected[:3]})")
+    optimizer.load_state_dict(state["optimizer"])
+    random.setstate(state["rng"]["python"]), np.random.set_state(state["rng"]["numpy"])
+    torch.set_rng_state(state["rng"]["torch"])
+    return state
 
 
 def save_rollouts(path: Path, episodes) -> None:
@@ -354,10 +541,43 @@ class MetricsLog:
         self.lines += 1
 
 
+class Progress:
+    """A tqdm bar on a terminal; one plain line per unit when the output goes to a file (CI logs, nohup), where a
+    bar's carriage returns would run everything together into one line."""
+
+    SHOWN = {"reward": "reward/mean", "searches": "rollout/searches_per_episode", "kl": "grpo/kl",
+             "opsd_kl": "opsd/kl_after", "pairs": "opsd/pairs"}
+
+    def __init__(self, total: int, initial: int, enabled: bool):
+        self.enabled, self.total, self.done = enabled, total, initial
+        self.tty = sys.stderr.isatty()
+        self.bar = tqdm(total=total, initial=initial, desc="search-e1", disable=not (enabled and self.tty),
+                        dynamic_ncols=True)
+
+    def start(self, label: str) -> None:
+        self.bar.set_description(label)
+        self.label = label
+
+    def finish(self, metrics: dict, eval_key: str | None) -> None:
+        self.done += 1
+        shown = {**self.SHOWN, **({"em": eval_key} if eval_key else {})}
+        values = {name: f"{metrics[k]:.3f}" for name, k in shown.items() if k in metrics}
+        self.bar.set_postfix(values)
+        self.bar.update(1)
+        if self.enabled and not self.tty:
+            print(f"[{self.done}/{self.total}] {self.label}  " + "  ".join(f"{k} {v}" for k, v in values.items())
+                  + f"  ({metrics.get('time/unit_s', 0.0):.1f} s)", flush=True)
+
+    def close(self) -> None:
+        self.bar.close()
+
+
 def episode_metrics(episodes, prefix="rollout") -> dict:
+    """Rollout statistics of this process's episodes (train.py averages them over processes)."""
     n = max(len(episodes), 1)
-    return {
-        "reward/mean": sum(e.reward for e in episodes) / n,
+    reward = {"reward/mean": sum(e.reward for e in episodes) / n} if prefix == "rollout" else {
+        f"{prefix}/reward_mean": sum(e.reward for e in episodes) / n}
+    return reward | {
         f"{prefix}/searches_per_episode": sum(e.num_searches for e in episodes) / n,
         f"{prefix}/invalid_per_episode": sum(e.num_invalid for e in episodes) / n,
         f"{prefix}/response_tokens": sum(len(e.response_ids) for e in episodes) / n,
@@ -365,63 +585,14 @@ def episode_metrics(episodes, prefix="rollout") -> dict:
     }
 
 
-def phase_metrics(steps: list[dict]) -> dict:
-    """OPSD step metrics over the phase: token-weighted means, summed counts (each step's are already global)."""
-    tokens = sum(m["opsd/loss_tokens"] for m in steps)
-    out = {"opsd/loss_tokens": tokens, "opsd/skipped_steps": sum(m["opsd/skipped_steps"] for m in steps),
-           "opsd/optimizer_steps": float(len(steps))}
-    for key in ("opsd/loss", "opsd/kl", "opsd/student_entropy"):
-        out[key] = sum(m[key] * m["opsd/loss_tokens"] for m in steps) / tokens if tokens else 0.0
-    out["opsd/grad_norm"] = sum(m["opsd/grad_norm"] for m in steps) / max(len(steps), 1)
-    return out
+def unit_label(cfg: TrainConfig, rnd: int, phase: str, step: int) -> str:
+    if rnd < 0:
+        return "start eval"
+    return f"round {rnd + 1}/{cfg.num_rounds} " + (f"grpo {step + 1}/{cfg.grpo_steps}" if phase == "grpo" else phase)
 
 
-def max_over_ranks(value: int, world_size: int) -> int:
-    if world_size == 1:
-        return value
-    t = torch.tensor([value])
-    dist.all_reduce(t, op=dist.ReduceOp.MAX)
-    return int(t.item())
-
-
-def all_mean(metrics: dict, world_size: int) -> dict:
-    """Average per-rank metrics over processes (rank-local quantities such as rollout statistics)."""
-    if world_size == 1:
-        return metrics
-    keys = sorted(metrics)
-    t = torch.tensor([float(metrics[k]) for k in keys], dtype=torch.float64)
-    dist.all_reduce(t)
-    return {k: v / world_size for k, v in zip(keys, t.tolist())}
-
-
-# ---------------------------------------------------------------- main
-
-
-def main(argv=None) -> dict:
-    cfg = parse_config(argv)
-    world_size = int(os.environ.get("WORLD_SIZE", 1))
-    rank = int(os.environ.get("RANK", 0))
-    check_config(cfg, world_size)
-    if world_size > 1:
-        # CPU bookkeeping tensors (metrics, counts) go over gloo beside NCCL.
-        dist.init_process_group("cpu:gloo,cuda:nccl" if torch.cuda.is_available() else "gloo")
-    device = torch.device(f"cuda:{int(os.environ.get('LOCAL_RANK', 0))}" if torch.cuda.is_available() else "cpu")
-    if device.type == "cuda":
-        torch.cuda.set_device(device)
-    main_process = rank == 0
-    import transformers
-
-    transformers.utils.logging.disable_progress_bar()  # ours is the only progress bar
-    say = tqdm.write if main_process else (lambda *a, **k: None)
-
-    # Load everything that can fail before the run folder exists.
-    random.seed(cfg.seed), np.random.seed(cfg.seed), torch.manual_seed(cfg.seed)
-    world, train_examples, eval_sets, retriever = load_data(cfg)
-    policy, tokenizer = load_model(cfg, world, device)
-    ref_model = copy.deepcopy(policy).eval().requires_grad_(False) if cfg.beta > 0 else None
-    optimizer = torch.optim.AdamW(policy.parameters(), lr=cfg.lr, weight_decay=cfg.weight_decay)
-
-    # Rank 0 names the run folder (a timestamp) and checks it; every rank gets the same folder or the same error.
+def make_run_dir(cfg: TrainConfig, main_process: bool, world_size: int) -> Path:
+    """Rank 0 names the run folder (a timestamp) and checks it; every rank gets the same folder or the same error."""
     run_dir, error = Path(cfg.resume or Path(cfg.output_dir) / (cfg.run_name or time.strftime("%Y%m%d-%H%M%S"))), None
     if main_process and not cfg.resume:
         if (run_dir / "config.json").exists():
@@ -435,19 +606,54 @@ def main(argv=None) -> dict:
         run_dir, error = shared
     if error:
         raise SystemExit(error)
+    return run_dir
+
+
+# ---------------------------------------------------------------- main
+
+
+def main(argv=None) -> dict:
+    try:
+        return _main(argv)
+    except KeyboardInterrupt:  # before the loop (the loop says where its last checkpoint is): no traceback
+        print("\ninterrupted before training started", file=sys.stderr)
+        raise SystemExit(130)
+
+
+def _main(argv=None) -> dict:
+    # PLUMBING: configuration, processes, devices -----------------------------------------------------------
+    cfg = parse_config(argv)
+    world_size = int(os.environ.get("WORLD_SIZE", 1))
+    rank = int(os.environ.get("RANK", 0))
+    check_config(cfg, world_size)
+    if cfg.resume and (Path(cfg.resume) / "results.json").exists():
+        print(f"{cfg.resume} is complete (results.json is there): nothing to resume", file=sys.stderr)
+        return json.loads((Path(cfg.resume) / "results.json").read_text())
+    if world_size > 1:
+        # CPU bookkeeping tensors (metrics, counts) go over gloo beside NCCL.
+        dist.init_process_group("cpu:gloo,cuda:nccl" if torch.cuda.is_available() else "gloo")
+    device = torch.device(f"cuda:{int(os.environ.get('LOCAL_RANK', 0))}" if torch.cuda.is_available() else "cpu")
+    if device.type == "cuda":
+        torch.cuda.set_device(device)
+    main_process = rank == 0
+    import transformers
+
+    transformers.utils.logging.disable_progress_bar()  # ours is the only progress bar
+    say = tqdm.write if main_process else (lambda *a, **k: None)
+
+    # PLUMBING: load everything that can fail before the run folder exists -----------------------------------
+    random.seed(cfg.seed), np.random.seed(cfg.seed), torch.manual_seed(cfg.seed)
+    world, train_examples, eval_sets, retriever = load_data(cfg)
+    policy, tokenizer = load_model(cfg, world, device)
+    if cfg.eval_only:
+        return run_eval_only(cfg, policy, tokenizer, eval_sets, retriever, rank, world_size, say)
+    ref_model = copy.deepcopy(policy).eval().requires_grad_(False) if cfg.beta > 0 else None
+    optimizer = torch.optim.AdamW(policy.parameters(), lr=cfg.lr, weight_decay=cfg.weight_decay)
+    run_dir = make_run_dir(cfg, main_process, world_size)
     next_unit, keep_lines, results = 0, 0, {}
     ckpt = find_checkpoint(run_dir) if cfg.resume else None
     if ckpt is not None:
-        from safetensors.torch import load_file
-
-        state = torch.load(ckpt / "trainer_state.pt", map_location="cpu", weights_only=False)
-        weights = load_file(ckpt / "model.safetensors", device=str(device))
-        missing, unexpected = policy.load_state_dict(weights, strict=False)
-        if unexpected or set(missing) - {"lm_head.weight"}:  # a tied lm_head is saved once, as the embedding
-            raise SystemExit(f"error: {ckpt}: checkpoint does not match the model ({missing[:3]} {unexpected[:3]})")
-        optimizer.load_state_dict(state["optimizer"])
-        random.setstate(state["rng"]["python"]), np.random.set_state(state["rng"]["numpy"])
-        torch.set_rng_state(state["rng"]["torch"])
+        state = restore_checkpoint(ckpt, policy, optimizer, device)
         next_unit, keep_lines, results = state["next_unit"], state["metrics_lines"], state["results"]
     log = MetricsLog(run_dir / "metrics.jsonl", keep_lines if cfg.resume else None) if main_process else None
 
@@ -457,7 +663,9 @@ def main(argv=None) -> dict:
     units = schedule(cfg)
     # What one process does of a global step: its share of each GRPO mini-batch.
     rank_cfg = dataclasses.replace(cfg, mini_batch_size=cfg.mini_batch_size and cfg.mini_batch_size // world_size)
-    bar = tqdm(total=len(units), initial=next_unit, desc="search-e1", disable=not main_process, dynamic_ncols=True)
+    progress = Progress(len(units), next_unit, enabled=main_process)
+    eval_key = "eval/" + next(iter(eval_sets)) + "/em"
+    saved_unit = next_unit if ckpt is not None else None  # the unit the last checkpoint resumes at
 
     def checkpoint(next_index: int):
         if main_process:
@@ -469,73 +677,81 @@ def main(argv=None) -> dict:
         if world_size > 1:
             dist.barrier()
 
-    for index in range(next_unit, len(units)):
-        rnd, phase, step = units[index]
-        bar.set_description(f"round {rnd + 1}/{cfg.num_rounds} {phase}" if rnd >= 0 else "start eval")
-        t0 = time.time()
-        seed = unit_seed(cfg, index - cfg.eval_at_start, rank)  # the same with or without the baseline unit
-        policy.train()  # rollouts switch to eval mode and back; training with gradient checkpointing needs train()
-        if phase == "grpo":
-            # 1. rollout on this rank's shard of the step's questions (G samples each)
-            global_step = rnd * cfg.grpo_steps + step
-            questions = draw_questions(train_examples, cfg.batch_size, cfg.seed, global_step * cfg.batch_size)
-            with torch.no_grad():
-                episodes = rollout(policy, tokenizer, shard(questions, rank, world_size), retriever,
-                                   rollout_config(cfg, seed=seed))
-            if cfg.save_rollouts:
-                save_rollouts(run_dir / "rollouts" / f"unit{index:05d}-rank{rank}.jsonl", episodes)
-            # 2-5. reward is set by the rollout (exact match); advantages, old/ref log-probs and the update
-            metrics = all_mean(episode_metrics(episodes), world_size)
-            metrics |= grpo.grpo_step(policy, ref_model, optimizer, episodes, rank_cfg)
-        elif phase == "opsd":
-            # Fresh on-policy samples, drawn from the stream beyond everything the GRPO steps take.
-            offset = (cfg.num_rounds * cfg.grpo_steps + rnd) * cfg.batch_size + rnd * cfg.opsd_questions
-            questions = draw_questions(train_examples, cfg.opsd_questions, cfg.seed, offset)
-            with torch.no_grad():
-                episodes = rollout(policy, tokenizer, shard(questions, rank, world_size), retriever,
-                                   rollout_config(cfg, seed=seed))
-            pairs, mined = opsd.mine_pairs(episodes, students=cfg.opsd_students)
-            teacher = copy.deepcopy(policy).eval().requires_grad_(False)  # frozen at the start of the phase
-            opt = torch.optim.AdamW(policy.parameters(), lr=cfg.opsd_lr or cfg.lr, weight_decay=cfg.weight_decay)
-            metrics = all_mean(episode_metrics(episodes, prefix="opsd_rollout"), world_size)
-            metrics |= all_mean({f"opsd/{k}": v for k, v in mined.items()}, world_size)
-            metrics["opsd/kl_before"] = opsd.opsd_kl(policy, teacher, pairs, tokenizer, cfg)
-            # Every rank takes the same number of optimizer steps (gradients are all-reduced), some maybe empty.
-            per_rank = max(cfg.opsd_batch_size // world_size, 1)
-            num_steps = -(-max_over_ranks(len(pairs), world_size) // per_rank)
-            rng, steps = random.Random(seed), []
-            for _ in range(cfg.opsd_epochs):
-                order = rng.sample(pairs, len(pairs))
-                for i in range(num_steps):
-                    steps.append(opsd.opsd_step(policy, teacher, opt, order[i * per_rank:(i + 1) * per_rank],
-                                                tokenizer, cfg))
-            metrics |= phase_metrics(steps)
-            metrics["opsd/kl_after"] = opsd.opsd_kl(policy, teacher, pairs, tokenizer, cfg)
-            del teacher, opt
-        else:  # eval
-            policy.eval()
-            results = evaluate.evaluate_sets(policy, tokenizer, eval_sets, retriever,
-                                             rollout_config(cfg, seed=0, greedy=True),
-                                             rank=rank, world_size=world_size)
-            metrics = {f"eval/{name}/{k}": v for name, row in results.items() for k, v in row.items()}
+    try:
+        for index in range(next_unit, len(units)):
+            rnd, phase, step = units[index]
+            progress.start(unit_label(cfg, rnd, phase, step))
+            t0 = time.time()
+            seed = unit_seed(cfg, index - cfg.eval_at_start, rank)  # the same with or without the baseline unit
+            policy.train()  # rollouts switch to eval mode and back; gradient checkpointing needs train()
+
+            # ALGO: one unit of the schedule ---------------------------------------------------------------
+            if phase in ("grpo", "opsd"):
+                # 1. rollout: G samples per question of this rank's shard; the reward (exact match) is set here
+                n = cfg.batch_size if phase == "grpo" else cfg.opsd_questions
+                questions = draw_questions(train_examples, n, cfg.seed, stream_offset(cfg, rnd, phase, step))
+                with torch.no_grad():
+                    episodes = rollout(policy, tokenizer, shard(questions, rank, world_size), retriever,
+                                       rollout_config(cfg, seed=seed))
+                if phase == "grpo":
+                    # 2-5. group advantages, old/ref log-probs, the clipped policy update
+                    metrics = parallel.all_mean(episode_metrics(episodes))
+                    metrics |= grpo.grpo_step(policy, ref_model, optimizer, episodes, rank_cfg)
+                else:
+                    # 2-6. sibling pairs, the frozen teacher, the distillation steps, KL before/after
+                    metrics = parallel.all_mean(episode_metrics(episodes, prefix="opsd_rollout"))
+                    metrics |= opsd.opsd_phase(policy, episodes, tokenizer, cfg, seed=seed)
+            else:
+                # evaluation: greedy episodes on every eval set
+                policy.eval()
+                results = evaluate_sets(policy, tokenizer, eval_sets, retriever,
+                                        rollout_config(cfg, seed=0, greedy=True), rank=rank, world_size=world_size)
+                metrics = {f"eval/{name}/{k}": v for name, row in results.items() for k, v in row.items()}
+
+            # PLUMBING: log, progress, checkpoint ---------------------------------------------------------
+            metrics = {k: float(v) for k, v in metrics.items()}
+            metrics["time/unit_s"] = time.time() - t0
             if main_process:
-                title = f"round {rnd + 1} evaluation" if rnd >= 0 else "evaluation of the starting model"
-                tqdm.write(evaluate.format_table(results, title=title))
-        metrics = {k: float(v) for k, v in metrics.items()}
-        metrics["time/unit_s"] = time.time() - t0
+                log.write({"round": rnd, "phase": phase, "step": step, "unit": index, **metrics})
+                if phase == "eval":
+                    title = f"round {rnd + 1} evaluation" if rnd >= 0 else "evaluation of the starting model"
+                    tqdm.write(evaluate.format_table(results, title=title))
+            if phase == "grpo" and cfg.save_rollouts:
+                save_rollouts(run_dir / "rollouts" / f"unit{index:05d}-rank{rank}.jsonl", episodes)
+            progress.finish(metrics, eval_key)
+            # (the baseline evaluation is cheap to redo: no checkpoint of the unchanged model)
+            if rnd >= 0 and (phase != "grpo" or (step + 1) % cfg.save_every == 0) or index == len(units) - 1:
+                checkpoint(index + 1)
+                saved_unit = index + 1
+    except KeyboardInterrupt:
+        progress.close()
         if main_process:
-            log.write({"round": rnd, "phase": phase, "step": step, "unit": index, **metrics})
-            shown = {"reward": "reward/mean", "searches": "rollout/searches_per_episode", "kl": "grpo/kl",
-                     "opsd_kl": "opsd/kl_after", "em": "eval/" + next(iter(eval_sets)) + "/em"}
-            bar.set_postfix({name: f"{metrics[k]:.3f}" for name, k in shown.items() if k in metrics})
-        bar.update(1)
-        # (the baseline evaluation is cheap to redo: no checkpoint of the unchanged model)
-        if rnd >= 0 and (phase != "grpo" or (step + 1) % cfg.save_every == 0) or index == len(units) - 1:
-            checkpoint(index + 1)
-    bar.close()
+            where = (f"the last checkpoint is {run_dir / 'checkpoint'} (it continues at unit {saved_unit + 1} of "
+                     f"{len(units)})" if saved_unit is not None else "no checkpoint was written yet (it starts over)")
+            print(f"\ninterrupted: {where}; continue with: python train.py --resume {run_dir}", file=sys.stderr)
+        raise SystemExit(130) from None
+    progress.close()
 
     if main_process:
         (run_dir / "results.json").write_text(json.dumps(results, indent=2))  # its presence marks a complete run
+        say(f"done: {run_dir}")
+    if world_size > 1:
+        dist.destroy_process_group()
+    return results
+
+
+def run_eval_only(cfg, policy, tokenizer, eval_sets, retriever, rank, world_size, say) -> dict:
+    """The benchmark runner: greedy episodes, the paper's table, RUN/predictions/*.jsonl (re-scorable with
+    `python evaluate.py score`) and RUN/results.json."""
+    run_dir = make_run_dir(cfg, rank == 0, world_size)
+    say("config: " + json.dumps(asdict(cfg)))
+    say(f"evaluating {cfg.model} on {', '.join(f'{k} ({len(v)})' for k, v in eval_sets.items())}; run folder: {run_dir}")
+    results = evaluate_sets(policy.eval(), tokenizer, eval_sets, retriever, rollout_config(cfg, seed=0, greedy=True),
+                            rank=rank, world_size=world_size, predictions_dir=run_dir / "predictions",
+                            progress=rank == 0 and sys.stderr.isatty())
+    if rank == 0:
+        say(evaluate.format_table(results, title=f"{cfg.model}: exact match (greedy)"))
+        (run_dir / "results.json").write_text(json.dumps(results, indent=2))
         say(f"done: {run_dir}")
     if world_size > 1:
         dist.destroy_process_group()

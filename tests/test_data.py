@@ -165,6 +165,54 @@ def test_hub_name_without_datasets_package(monkeypatch):
         load_qa("PeterJinGo/nq_hotpotqa_train", split="train")
 
 
+# ---------------------------------------------------------------- evaluation sets
+
+
+def qa_rows(prefix: str, n: int, source: str | None = None) -> list[dict]:
+    rows = [{"id": f"{prefix}_{i}", "question": f"{prefix} question {i}?", "golden_answers": [f"a{i}"]} for i in range(n)]
+    return [{**r, "data_source": source} for r in rows] if source else rows
+
+
+def test_eval_sets_in_flashrag_folders_keep_their_folder_names(tmp_path):
+    for name, n in (("nq", 3), ("triviaqa", 2)):
+        (tmp_path / name).mkdir()
+        write_jsonl(tmp_path / name / "test.jsonl", qa_rows(name, n))
+    sets = data.load_eval_sets([str(tmp_path / "nq" / "test.jsonl"), str(tmp_path / "triviaqa" / "test.jsonl")])
+    assert {k: [e.id for e in v] for k, v in sets.items()} == {"nq": ["nq_0", "nq_1", "nq_2"],
+                                                               "triviaqa": ["triviaqa_0", "triviaqa_1"]}
+
+
+def test_a_mixed_file_is_split_by_data_source(tmp_path):
+    rows = qa_rows("n", 2, "nq") + qa_rows("h", 3, "hotpotqa") + qa_rows("b", 1, "bamboogle")
+    sets = data.load_eval_sets([str(write_jsonl(tmp_path / "test.jsonl", rows))])
+    assert {k: len(v) for k, v in sets.items()} == {"nq": 2, "hotpotqa": 3, "bamboogle": 1}
+
+
+def test_same_name_from_different_folders_is_told_apart_and_a_true_duplicate_is_an_error(tmp_path):
+    for folder in ("a", "b"):
+        (tmp_path / folder / "nq").mkdir(parents=True)
+        write_jsonl(tmp_path / folder / "nq" / "test.jsonl", qa_rows(folder, 2))
+    a, b = str(tmp_path / "a" / "nq" / "test.jsonl"), str(tmp_path / "b" / "nq" / "test.jsonl")
+    sets = data.load_eval_sets([a, b])
+    assert {k: v[0].id for k, v in sets.items()} == {"a/nq": "a_0", "b/nq": "b_0"}
+    with pytest.raises(DataError, match="given twice"):
+        data.load_eval_sets([a, str(tmp_path / "a" / "nq" / ".." / "nq" / "test.jsonl")])
+
+
+def test_benchmark_names_are_looked_up_in_the_data_dir(tmp_path):
+    (tmp_path / "nq").mkdir()
+    write_jsonl(tmp_path / "nq" / "test.jsonl", qa_rows("nq", 2))
+    (tmp_path / "qa").mkdir()
+    write_jsonl(tmp_path / "qa" / "bamboogle_test_1k.jsonl", qa_rows("bb", 3))
+    assert data.find_benchmark_file(tmp_path, "nq") == tmp_path / "nq" / "test.jsonl"
+    sets = data.load_eval_sets(["nq", "bamboogle"], data_dir=tmp_path)
+    assert {k: len(v) for k, v in sets.items()} == {"nq": 2, "bamboogle": 3}
+    with pytest.raises(FileNotFoundError, match="no file for benchmark 'popqa'"):
+        data.load_eval_sets(["popqa"], data_dir=tmp_path)
+    with pytest.raises(DataError, match="--data-dir"):
+        data.load_eval_sets(["nq"])
+
+
 # ---------------------------------------------------------------- the synthetic world
 
 

@@ -1,10 +1,11 @@
-"""fused.py against the materialised version (logits, log_softmax, kl_div): values and gradients (tier 1)."""
+"""fused.py against the materialised version (logits, log_softmax, kl_div): values and gradients (tier 1); episodes
+as padded batches, masks from lengths."""
 import pytest
 import torch
 import torch.nn.functional as F
 from transformers import Qwen2Config, Qwen2ForCausalLM
 
-from fused import forward_kl, hidden_states, token_logprobs
+from fused import forward_kl, hidden_states, pad_batch, token_logprobs
 
 TOL = dict(rtol=1e-5, atol=1e-5)
 N, H, V = 37, 16, 50  # N is prime: no chunk size below divides it
@@ -226,3 +227,15 @@ def test_hidden_states_refuse_softcapped_heads():
     model.config.final_logit_softcapping = 30.0
     with pytest.raises(ValueError, match="final_logit_softcapping"):
         hidden_states(model, torch.tensor([[1, 2]]), torch.tensor([[1, 1]]))
+
+
+def test_pad_batch_masks_come_from_lengths_not_token_values():
+    prompts, responses = [[5, 0], [7, 8, 9]], [[0, 0, 3], [4]]
+    batch = pad_batch(prompts, responses, [[1, 0, 1], [1]], "cpu")
+    assert batch.input_ids.tolist() == [[5, 0, 0, 0, 3], [7, 8, 9, 4, 0]]
+    assert batch.attention_mask.tolist() == [[1, 1, 1, 1, 1], [1, 1, 1, 1, 0]]
+    assert batch.loss_mask.tolist() == [[1, 0, 1], [1, 0, 0]]
+    # loss token (row, response position) is predicted at position len(prompt) + t - 1
+    assert list(zip(batch.rows.tolist(), batch.cols.tolist(), batch.positions.tolist())) == [(0, 0, 1), (0, 2, 3),
+                                                                                            (1, 0, 2)]
+    assert batch.targets.tolist() == [0, 3, 4]

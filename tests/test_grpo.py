@@ -10,7 +10,7 @@ import torch.nn.functional as F
 from transformers import Qwen2Config, Qwen2ForCausalLM
 
 from data import Example
-from grpo import compute_advantages, grpo_step, pad_batch, policy_loss
+from grpo import compute_advantages, grpo_step, policy_loss
 from rollout import Episode
 
 LOSS_TYPES = ["token_mean", "seq_mean", "dr_grpo"]
@@ -18,10 +18,11 @@ SCALES = ["group", "batch", "none"]
 MAX_CONTEXT = 40  # dr_grpo's constant in these tests
 
 
-def tiny_model(seed=0, vocab=64):
+def tiny_model(seed=0, vocab=64, tied=False):
+    """tied=True: one weight for the embedding and the head, as Qwen2.5-3B and the built-in tiny model have."""
     torch.manual_seed(seed)
     return Qwen2ForCausalLM(Qwen2Config(vocab_size=vocab, hidden_size=32, intermediate_size=64, num_hidden_layers=1,
-                                        num_attention_heads=2, num_key_value_heads=1, tie_word_embeddings=False))
+                                        num_attention_heads=2, num_key_value_heads=1, tie_word_embeddings=tied))
 
 
 def make_cfg(**kw):
@@ -166,18 +167,6 @@ def test_micro_batch_losses_with_the_global_normaliser_sum_to_the_batch_loss():
         torch.testing.assert_close(parts, whole)
 
 
-def test_pad_batch_masks_come_from_lengths_not_token_values():
-    prompts, responses = [[5, 0], [7, 8, 9]], [[0, 0, 3], [4]]
-    batch = pad_batch(prompts, responses, [[1, 0, 1], [1]], "cpu")
-    assert batch.input_ids.tolist() == [[5, 0, 0, 0, 3], [7, 8, 9, 4, 0]]
-    assert batch.attention_mask.tolist() == [[1, 1, 1, 1, 1], [1, 1, 1, 1, 0]]
-    assert batch.loss_mask.tolist() == [[1, 0, 1], [1, 0, 0]]
-    # loss token (row, response position) is predicted at position len(prompt) + t - 1
-    assert list(zip(batch.rows.tolist(), batch.cols.tolist(), batch.positions.tolist())) == [(0, 0, 1), (0, 2, 3),
-                                                                                            (1, 0, 2)]
-    assert batch.targets.tolist() == [0, 3, 4]
-
-
 # ---------------------------------------------------------------- one update
 
 
@@ -189,18 +178,22 @@ def sgd_step(model, episodes, cfg, ref_model=None):
     return [b - p.detach() for b, p in zip(before, model.parameters())], metrics
 
 
+def logits_logps(m, e):
+    """log p of each response token, from the full logits of the unpadded sequence (materialised)."""
+    ids = torch.tensor([e.prompt_ids + e.response_ids])
+    logp = F.log_softmax(m(input_ids=ids).logits[0, :-1], -1)  # (L-1, V)
+    return logp[len(e.prompt_ids) - 1:].gather(1, torch.tensor(e.response_ids)[:, None]).squeeze(1)
+
+
+@pytest.mark.parametrize("tied", [False, True])
 @pytest.mark.parametrize("loss_type", LOSS_TYPES)
-def test_grpo_step_gradient_is_that_of_the_materialised_loss(loss_type):
+def test_grpo_step_gradient_is_that_of_the_materialised_loss(loss_type, tied):
     """Whole-model check: logits materialised by model(...).logits, the loss written as a loop, one backward."""
-    model, ref_model = tiny_model(0), tiny_model(1)
+    model, ref_model = tiny_model(0, tied=tied), tiny_model(1, tied=tied)
+    assert (model.lm_head.weight is model.model.embed_tokens.weight) == tied
     episodes = make_episodes()
     cfg = make_cfg(loss_type=loss_type, beta=0.05, scale_rewards="group")
     grads, metrics = sgd_step(model, episodes, cfg, ref_model)
-
-    def logits_logps(m, e):  # log p of each response token, from the full logits of the unpadded sequence
-        ids = torch.tensor([e.prompt_ids + e.response_ids])
-        logp = F.log_softmax(m(input_ids=ids).logits[0, :-1], -1)  # (L-1, V)
-        return logp[len(e.prompt_ids) - 1:].gather(1, torch.tensor(e.response_ids)[:, None]).squeeze(1)
 
     T = max(len(e.response_ids) for e in episodes)
     logps = torch.zeros(len(episodes), T)
@@ -249,15 +242,45 @@ def test_mask_truncated_completions_drops_exactly_those_episodes():
     assert any((a - b).abs().max() > 1e-6 for a, b in zip(masked, unmasked))
 
 
-def test_several_optimizer_steps_use_old_logprobs_from_before_the_update():
-    model, episodes = tiny_model(), make_episodes(seed=5)
-    cfg = make_cfg(mini_batch_size=4, num_iterations=2, micro_batch_size=2, epsilon=0.01)
-    opt = torch.optim.Adam(model.parameters(), lr=0.05)
-    metrics = grpo_step(model, None, opt, episodes, cfg)
+@pytest.mark.parametrize("tied", [False, True])
+def test_several_optimizer_steps_equal_a_hand_written_loop_with_old_logprobs_from_before_the_update(tied):
+    """num_iterations=2 over 3 mini-batches = 6 SGD steps. The reference loop: pi_old's log-probs once, from the
+    model before any step (materialised logits), then for each pass and mini-batch the loop loss and one step.
+    Stale, re-computed or misindexed old log-probs would give other parameters."""
+    model, episodes = tiny_model(tied=tied), make_episodes(seed=5)
+    cfg = make_cfg(mini_batch_size=4, num_iterations=2, micro_batch_size=3, epsilon=0.05)
+    ours = copy.deepcopy(model)
+    metrics = grpo_step(ours, None, torch.optim.SGD(ours.parameters(), lr=2.0), episodes, cfg)
     assert metrics["grpo/optimizer_steps"] == 2 * 3
     assert metrics["grpo/ratio_mean"] != pytest.approx(1.0, abs=1e-4)  # the policy moved away from pi_old
-    assert metrics["grpo/clip_fraction"] > 0
+    assert metrics["grpo/clip_fraction"] > 0  # ... far enough for the clip to bind
     assert "grpo/kl" not in metrics  # no reference model, no KL
+
+    reference = copy.deepcopy(model)
+    opt = torch.optim.SGD(reference.parameters(), lr=2.0)
+    T = max(len(e.response_ids) for e in episodes)
+
+    def padded(m, idx):  # (b, T) log-probs and masks of episodes idx
+        logps, mask = torch.zeros(len(idx), T), torch.zeros(len(idx), T, dtype=torch.long)
+        for row, i in enumerate(idx):
+            n = len(episodes[i].response_ids)
+            logps[row, :n] = logits_logps(m, episodes[i])
+            mask[row, :n] = torch.tensor(episodes[i].loss_mask)
+        return logps, mask
+
+    with torch.no_grad():
+        old, _ = padded(reference, range(len(episodes)))
+    adv = loop_advantages([e.reward for e in episodes], [e.group_id for e in episodes], "group")
+    for _ in range(2):
+        for start in (0, 4, 8):
+            idx = list(range(start, start + 4))
+            logps, mask = padded(reference, idx)
+            loss = loop_loss(logps, old[idx], [adv[i] for i in idx], mask, "token_mean", 0.05, 0.05)
+            opt.zero_grad()
+            loss.backward()
+            opt.step()
+    for a, b in zip(ours.parameters(), reference.parameters()):  # (6 steps of lr 2 accumulate fp32 rounding)
+        torch.testing.assert_close(a, b, rtol=1e-4, atol=2e-5)
 
 
 def test_non_finite_loss_skips_the_step():

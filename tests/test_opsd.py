@@ -19,7 +19,7 @@ from rollout import Episode, build_prompt
 CHAT_TEMPLATE = ("{% for m in messages %}<|im_start|>{{ m['role'] }}\n{{ m['content'] }}<|im_end|>\n{% endfor %}"
                  "{% if add_generation_prompt %}<|im_start|>assistant\n{% endif %}")
 WORDS = ([f"q{i}" for i in range(16)] + [f"r{i}" for i in range(16)] + [f"w{i}" for i in range(24)]
-         + ["<search>", "</search>", "<answer>", "</answer>"])
+         + ["<search>", "</search>", "<answer>", "</answer>", "<information>", "</information>", "(documents", "omitted)"])
 
 
 def tiny_tokenizer():
@@ -37,11 +37,11 @@ def tiny_tokenizer():
     return tokenizer
 
 
-def tiny_model(vocab, seed=0, initializer_range=0.3):
+def tiny_model(vocab, seed=0, initializer_range=0.3, tied=False):
     """A random Qwen2 with a wide init: peaked, context-dependent next-token distributions."""
     torch.manual_seed(seed)
     return Qwen2ForCausalLM(Qwen2Config(vocab_size=vocab, hidden_size=32, intermediate_size=64, num_hidden_layers=1,
-                                        num_attention_heads=2, num_key_value_heads=1, tie_word_embeddings=False,
+                                        num_attention_heads=2, num_key_value_heads=1, tie_word_embeddings=tied,
                                         initializer_range=initializer_range))
 
 
@@ -124,6 +124,53 @@ def test_teacher_prompt_is_the_normal_prompt_plus_the_reference_trajectory():
     assert ids[:k] + ids[k + 8:] == student.prompt_ids
 
 
+def test_teacher_sequence_is_bounded_documents_cut_first_then_the_pair_skipped():
+    tk = tiny_tokenizer()
+    words = "<search> r3 </search> <information> r1 r2 r4 r5 r6 r7 </information> w4 <answer> r3 </answer>"
+    mask = [1, 1, 1] + [0] * 8 + [1, 1, 1, 1]  # the observation was injected: loss mask 0
+    reference = episode(tk, 3, words, 1.0, searches=1, mask=mask)
+    student = episode(tk, 3, "w1 w2 w3", 0.0)
+    pair = Pair(student=student, reference=reference)
+    assert opsd.reference_text(tk, reference, keep_documents=False) == (
+        "<search> r3 </search>" + rollout.OBSERVATION_OPEN + opsd.OMITTED + rollout.OBSERVATION_CLOSE
+        + "w4 <answer> r3 </answer>")
+    full, cut = teacher_prompt_ids(tk, pair), teacher_prompt_ids(tk, pair, keep_documents=False)
+    assert len(cut) < len(full)
+    n = len(student.response_ids)
+    for max_tokens, expected, counts in [(len(full) + n, full, (0, 0)), (len(full) + n - 1, cut, (1, 0)),
+                                         (len(cut) + n, cut, (1, 0)), (len(cut) + n - 1, None, (0, 1))]:
+        kept, stats = opsd.bound_teacher_prompts([pair], tk, max_tokens)
+        assert (stats["cut_references"], stats["skipped_long_pairs"]) == counts
+        assert [p.teacher_ids for p in kept] == ([expected] if expected else [])
+        for p in kept:
+            assert len(p.teacher_ids) + n <= max_tokens and teacher_prompt_ids(tk, p) == p.teacher_ids
+
+
+def test_opsd_phase_mines_bounds_and_lowers_the_kl_on_its_pairs():
+    tk = tiny_tokenizer()
+    g = random.Random(1)
+    episodes = []
+    for q in range(6):
+        episodes.append(episode(tk, q, " ".join([f"r{q}"] * 3 + ["w1"]), 1.0))
+        episodes += [episode(tk, q, " ".join(f"w{g.randrange(24)}" for _ in range(5)), 0.0) for _ in range(3)]
+    episodes += [episode(tk, 7, "w1 w2", 0.0), episode(tk, 7, "w3", 0.0)]  # no correct sibling: skipped
+    policy = tiny_model(len(tk))
+    before = copy.deepcopy(policy.state_dict())
+    cfg = make_cfg(opsd_students="all", opsd_max_tokens=None, max_context_tokens=1000, opsd_lr=3e-2, lr=1e-6,
+                   weight_decay=0.0, opsd_epochs=3, opsd_batch_size=6, max_grad_norm=1.0)
+    metrics = opsd.opsd_phase(policy, episodes, tk, cfg, seed=0)
+    assert (metrics["opsd/pairs"], metrics["opsd/groups"], metrics["opsd/skipped_groups"]) == (18, 7, 1)
+    assert metrics["opsd/optimizer_steps"] == 3 * 3 and metrics["opsd/skipped_long_pairs"] == 0
+    assert metrics["opsd/kl_after"] < 0.7 * metrics["opsd/kl_before"]
+    assert any(not torch.equal(before[k], v) for k, v in policy.state_dict().items())
+    # a bound below every teacher sequence: every pair skipped, counted, and no step taken
+    short = tiny_model(len(tk))
+    metrics = opsd.opsd_phase(short, episodes, tk, make_cfg(**{**vars(cfg), "opsd_max_tokens": 5}), seed=0)
+    assert metrics["opsd/pairs"] == 0 and metrics["opsd/skipped_long_pairs"] == 18
+    assert metrics["opsd/optimizer_steps"] == 0
+    assert all(torch.equal(a, b) for a, b in zip(short.state_dict().values(), tiny_model(len(tk)).state_dict().values()))
+
+
 # ---------------------------------------------------------------- one update
 
 
@@ -140,12 +187,13 @@ def make_pairs(tk, seed=0, n=5):
     return pairs
 
 
+@pytest.mark.parametrize("tied", [False, True])
 @pytest.mark.parametrize("clip", [None, 0.05])
-def test_opsd_step_gradient_is_that_of_the_materialised_loss(clip):
+def test_opsd_step_gradient_is_that_of_the_materialised_loss(clip, tied):
     tk = tiny_tokenizer()
     pairs = make_pairs(tk)
-    model = tiny_model(len(tk))
-    teacher = tiny_model(len(tk), seed=1).requires_grad_(False)  # a different teacher: a non-trivial KL
+    model = tiny_model(len(tk), tied=tied)
+    teacher = tiny_model(len(tk), seed=1, tied=tied).requires_grad_(False)  # a different teacher: a non-trivial KL
     cfg = make_cfg(opsd_clip=clip, micro_batch_size=2)  # accumulation over 3 micro-batches
     student = copy.deepcopy(model)
     before = [p.detach().clone() for p in student.parameters()]
@@ -187,10 +235,11 @@ def test_empty_pairs_and_non_finite_loss_take_no_step():
     opt = torch.optim.AdamW(model.parameters(), lr=0.1)
     metrics = opsd_step(model, teacher, opt, [], tk, make_cfg())
     assert metrics["opsd/loss_tokens"] == 0 and metrics["opsd/skipped_steps"] == 0
+    assert metrics["opsd/optimizer_steps"] == 0  # nothing to learn is no step, as in grpo_step
     with torch.no_grad():
         teacher.lm_head.weight[0, 0] = float("nan")
     metrics = opsd_step(model, teacher, opt, make_pairs(tk), tk, make_cfg(max_grad_norm=1.0))
-    assert metrics["opsd/skipped_steps"] == 1
+    assert metrics["opsd/skipped_steps"] == 1 and metrics["opsd/optimizer_steps"] == 0
     assert all(torch.equal(b, p) for b, p in zip(before, model.parameters())) and not opt.state
 
 

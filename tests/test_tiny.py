@@ -54,11 +54,24 @@ def test_trajectories_are_in_the_rollout_format_with_masks_from_provenance():
     assert sum(guessed[True]) / len(guessed[True]) > 0.75 and sum(guessed[False]) / len(guessed[False]) < 0.15
 
 
-def test_cache_key_changes_with_recipe_and_world():
-    base = tiny.recipe_key(RECIPE, {"seed": 0})
-    assert base == tiny.recipe_key(RECIPE, {"seed": 0})
-    assert base != tiny.recipe_key(dataclasses.replace(RECIPE, lr=1e-3), {"seed": 0})
-    assert base != tiny.recipe_key(RECIPE, {"seed": 1})
+def test_cache_key_covers_what_shapes_the_model_and_nothing_else(monkeypatch):
+    world = data.make_world(seed=0)
+    base = tiny.recipe_key(RECIPE, world)
+    assert base == tiny.recipe_key(RECIPE, data.make_world(seed=0))  # the same world built again
+    assert base != tiny.recipe_key(dataclasses.replace(RECIPE, lr=1e-3), world)  # the recipe
+    assert base != tiny.recipe_key(RECIPE, data.make_world(seed=1))  # the world's content
+    # the strings the model learns to copy: the teacher context, the instruction, the observation format
+    for module, name, value in [(opsd, "TEACHER_CONTEXT", "\nReference:\n{reference}\n"),
+                                (rollout, "INSTRUCTION", rollout.INSTRUCTION.replace("Answer", "Reply")),
+                                (rollout, "OBSERVATION_OPEN", "\n<information>")]:
+        with monkeypatch.context() as m:
+            m.setattr(module, name, value)
+            assert tiny.recipe_key(RECIPE, world) != base, name
+    assert tiny.recipe_key(RECIPE, world) == base
+    # module sources are not part of it (a comment edit in opsd.py used to rebuild everyone's model)
+    import inspect
+    monkeypatch.setattr(inspect, "getsource", lambda *_: "edited")
+    assert tiny.recipe_key(RECIPE, world) == base
 
 
 def test_numbers_are_split_into_digits_and_names_are_single_tokens():
@@ -75,7 +88,7 @@ def test_warm_started_model_lands_in_the_target_band():
     on the synthetic test split within 20-50%, with year questions mostly guessed and the rest searched."""
     cfg = train.parse_config([])
     world = data.make_world(**train.world_args(cfg))
-    model, tokenizer = tiny.load_tiny(world, train.world_args(cfg), recipe=tiny.TinyRecipe(), log=lambda *_: None)
+    model, tokenizer = tiny.load_tiny(world, recipe=tiny.TinyRecipe(), log=lambda *_: None)
     retriever = train.make_retriever(None, None, world)
     episodes = rollout.rollout(model, tokenizer, world.test[:cfg.eval_limit], retriever,
                                train.rollout_config(cfg, seed=0, greedy=True))

@@ -13,9 +13,12 @@ import torch
 
 from conftest import ROOT
 
+# Short episodes (one turn that may search, then the answer-only turn): the barely trained test model otherwise
+# writes to every turn's budget (~10x the time), and its teacher sequences would exceed the context bound.
+BRIEF = ["--max-turns", "1", "--max-new-tokens", "24"]
 # A short schedule: one round of 2 GRPO steps, an OPSD phase and an evaluation.
 SHORT = ["--num-rounds", "1", "--grpo-steps", "2", "--batch-size", "4", "--opsd-questions", "8",
-         "--eval-limit", "12", "--save-every", "1"]
+         "--eval-limit", "12", "--save-every", "1", *BRIEF]
 
 
 def run_train(args, tmp_path, env=None, check=True, **kw):
@@ -59,6 +62,17 @@ def test_short_run_writes_a_complete_run_folder(tmp_path):
     model = AutoModelForCausalLM.from_pretrained(run_dir / "checkpoint")
     assert all(torch.isfinite(p).all() for p in model.parameters())
 
+    # The checkpoint evaluates with its run's settings (top-1, 24 new tokens, ...): the run's last evaluation again.
+    proc = run_train(["--eval-only", "--model", str(run_dir / "checkpoint"), "--run-name", "again"], tmp_path)
+    saved = json.loads((tmp_path / "again" / "config.json").read_text())
+    assert (saved["topk"], saved["max_new_tokens"], saved["max_turns"], saved["eval_limit"]) == (1, 24, 1, 12)
+    assert json.loads((tmp_path / "again" / "results.json").read_text()) == results
+    assert (tmp_path / "again" / "predictions" / "synthetic.jsonl").exists()
+    # a run folder where a checkpoint is expected: one line that says which folder to give
+    proc = run_train(["--eval-only", "--model", str(run_dir), "--run-name", "wrong"], tmp_path, check=False)
+    assert proc.returncode != 0 and proc.stderr.strip().splitlines()[-1] == (
+        f"error: --model {run_dir}: this is a run folder: use {run_dir / 'checkpoint'}")
+
     # The picture of the run: a real PNG (matplotlib is a dev requirement).
     plot = subprocess.run([sys.executable, str(ROOT / "evaluate.py"), "plot", str(run_dir)],
                           capture_output=True, text=True, cwd=ROOT, timeout=120)
@@ -86,6 +100,36 @@ def test_sigkill_then_resume_matches_an_uninterrupted_run(tmp_path):
     assert without_timing(read_metrics(resumed)) == without_timing(read_metrics(straight))
 
 
+def test_ctrl_c_after_an_opsd_phase_says_how_to_resume_and_the_resumed_run_matches(tmp_path):
+    """Checkpoints only after phases (--save-every 100): the first one follows the OPSD phase. Ctrl-C during the
+    evaluation after it, then --resume: the same numbers as a run that was never interrupted."""
+    args = [*SHORT, "--save-every", "100", "--eval-limit", "200", "--no-eval-at-start"]
+    run_train([*args, "--run-name", "straight"], tmp_path)
+    cmd = [sys.executable, str(ROOT / "train.py"), "--output-dir", str(tmp_path), *args, "--run-name", "stopped"]
+    proc = subprocess.Popen(cmd, stdout=subprocess.DEVNULL, stderr=subprocess.PIPE, text=True, cwd=ROOT,
+                            env={**os.environ, "HF_HUB_OFFLINE": "1"})
+    state = tmp_path / "stopped" / "checkpoint" / "trainer_state.pt"
+    deadline = time.time() + 300
+    while not state.exists() and proc.poll() is None and time.time() < deadline:
+        time.sleep(0.02)
+    proc.send_signal(signal.SIGINT)
+    _, stderr = proc.communicate(timeout=120)
+    assert proc.returncode == 130, stderr[-2000:]
+    assert "Traceback" not in stderr
+    last = stderr.strip().splitlines()[-1]
+    assert last.startswith("interrupted: the last checkpoint is") and f"--resume {tmp_path / 'stopped'}" in last
+    assert torch.load(state, weights_only=False)["next_unit"] == 3  # after [grpo, grpo, opsd]: mid-evaluation
+    assert not (tmp_path / "stopped" / "results.json").exists()
+    run_train(["--resume", str(tmp_path / "stopped")], tmp_path)
+    straight, resumed = tmp_path / "straight", tmp_path / "stopped"
+    assert json.loads((resumed / "results.json").read_text()) == json.loads((straight / "results.json").read_text())
+    assert without_timing(read_metrics(resumed)) == without_timing(read_metrics(straight))
+    # resuming a complete run changes nothing and says so
+    before = (resumed / "metrics.jsonl").read_text()
+    proc = run_train(["--resume", str(resumed)], tmp_path)
+    assert "is complete" in proc.stderr and (resumed / "metrics.jsonl").read_text() == before
+
+
 def test_resume_of_a_run_killed_before_its_first_checkpoint_starts_over(tmp_path):
     run_train([*SHORT, "--run-name", "a"], tmp_path)
     run_dir = tmp_path / "b"
@@ -96,6 +140,34 @@ def test_resume_of_a_run_killed_before_its_first_checkpoint_starts_over(tmp_path
     assert without_timing(read_metrics(run_dir)) == without_timing(read_metrics(tmp_path / "a"))
 
 
+def test_benchmark_runner_finds_files_prints_the_table_and_writes_rescorable_predictions(tmp_path):
+    import data
+    import train
+
+    world = data.make_world(**train.world_args(train.parse_config([])))
+    corpus = data.write_world(world, tmp_path / "world")["corpus"]
+    rows = [{"id": e.id, "question": e.question, "golden_answers": e.golden_answers} for e in world.test[:6]]
+    (tmp_path / "flashrag" / "nq").mkdir(parents=True)
+    (tmp_path / "flashrag" / "nq" / "test.jsonl").write_text("".join(json.dumps(r) + "\n" for r in rows[:4]))
+    (tmp_path / "flashrag" / "bamboogle_test.jsonl").write_text("".join(json.dumps(r) + "\n" for r in rows[4:]))
+    proc = run_train(["--eval-only", "--eval-data", "nq,bamboogle", "--data-dir", str(tmp_path / "flashrag"),
+                      "--corpus", str(corpus), "--run-name", "bench"], tmp_path)
+    header = next(line for line in proc.stdout.splitlines() if "Avg." in line).split()
+    assert header == ["NQ", "Bamboogle", "Avg."]
+    results = json.loads((tmp_path / "bench" / "results.json").read_text())
+    assert {k: v["n"] for k, v in results.items()} == {"nq": 4, "bamboogle": 2}
+    import evaluate
+
+    for name, row in results.items():
+        rescored = evaluate.score_file(tmp_path / "bench" / "predictions" / f"{name}.jsonl")
+        assert rescored["n"] == row["n"] and rescored["em"] == row["em"] and rescored["em_agree"] == row["n"]
+        assert rescored["f1"] == pytest.approx(row["f1"])
+    # the old entry point says where the runner went
+    old = subprocess.run([sys.executable, str(ROOT / "evaluate.py"), "--model", "tiny"], capture_output=True,
+                         text=True, cwd=ROOT, timeout=60)
+    assert old.returncode == 2 and "python train.py --eval-only --model tiny" in old.stderr
+
+
 @pytest.mark.parametrize("args, env, message", [
     (["--train-data", "/nonexistent/train.jsonl", "--eval-data", "/nonexistent/test.jsonl", "--corpus",
       "/nonexistent/c.jsonl"], {}, "/nonexistent/train.jsonl"),
@@ -103,6 +175,11 @@ def test_resume_of_a_run_killed_before_its_first_checkpoint_starts_over(tmp_path
     (["--retriever", "http://127.0.0.1:9/retrieve"], {}, "127.0.0.1:9"),
     (["--batch-size", "5"], {"WORLD_SIZE": "2"}, "not divisible"),
     (["--loss-type", "bogus"], {}, "loss-type"),
+    (["--temperature", "0"], {}, "--temperature 0.0: must be positive"),
+    (["--top-p", "1.5"], {}, "--top-p 1.5: must be in (0, 1]"),
+    (["--lr", "nan"], {}, "--lr nan"),
+    (["--model", "no-such-org/no-such-model"], {"HF_HUB_OFFLINE": "0", "HF_ENDPOINT": "http://127.0.0.1:9"},
+     "unreachable"),
 ])
 def test_bad_input_ends_with_one_clear_error_and_no_complete_run(tmp_path, args, env, message):
     proc = run_train([*args, "--run-name", "bad"], tmp_path, env=env, check=False)
@@ -124,23 +201,41 @@ def test_malformed_data_file_names_file_and_line(tmp_path):
     assert proc.returncode != 0 and last.startswith("error:") and "bad.jsonl" in last and "2" in last, proc.stderr
 
 
+def lenient_data(tmp_path, n=8) -> list[str]:
+    """Flags for training files whose gold answers are every name and year of the world (and the prompt's example
+    answer, which the barely trained test model likes to copy): an answer of the right form scores, a missing one
+    does not, so groups have mixed rewards, updates are not zero and OPSD finds correct siblings."""
+    import data
+    import train
+
+    world = data.make_world(**train.world_args(train.parse_config([])))
+    paths = data.write_world(world, tmp_path / "world")
+    golds = sorted({e.golden_answers[0] for e in world.train + world.test} | {"Beijing"})
+    qa = tmp_path / "qa.jsonl"
+    qa.write_text("".join(json.dumps({"id": e.id, "question": e.question, "golden_answers": golds}) + "\n"
+                          for e in world.train[:n]))
+    return ["--train-data", str(qa), "--eval-data", str(qa), "--corpus", str(paths["corpus"])]
+
+
+def test_opsd_phase_runs_end_to_end_with_pairs_and_an_applied_step(tmp_path):
+    run_train(["--num-rounds", "1", "--grpo-steps", "1", "--batch-size", "4", "--opsd-questions", "8",
+               "--opsd-batch-size", "4", "--eval-limit", "4", "--no-eval-at-start", *BRIEF, *lenient_data(tmp_path),
+               "--run-name", "opsd"], tmp_path)
+    opsd_row = next(r for r in read_metrics(tmp_path / "opsd") if r["phase"] == "opsd")
+    assert opsd_row["opsd/pairs"] > 0 and opsd_row["opsd/optimizer_steps"] >= 1
+    assert opsd_row["opsd/skipped_steps"] == 0 and opsd_row["opsd/loss_tokens"] > 0
+    assert opsd_row["opsd/kl_after"] != opsd_row["opsd/kl_before"]  # the steps moved the student
+    assert "reward/mean" not in opsd_row and 0 <= opsd_row["opsd_rollout/reward_mean"] <= 1
+
+
 def test_torchrun_two_processes_match_one_process_on_the_same_global_batch(tmp_path):
     """Two gloo ranks each roll out half the questions; after one GRPO update their parameters equal those of
     one process updating on the union of both ranks' episodes."""
     import data
     import train
 
-    # Questions whose gold answers are every name and year of the world (and the prompt's example answer, which
-    # the barely trained test model likes to copy): an answer of the right form scores, a missing one does not,
-    # so groups have mixed rewards and the update is not zero.
-    world = data.make_world(**train.world_args(train.parse_config([])))
-    paths = data.write_world(world, tmp_path / "world")
-    golds = sorted({e.golden_answers[0] for e in world.train + world.test} | {"Beijing"})
-    qa = tmp_path / "qa.jsonl"
-    qa.write_text("".join(json.dumps({"id": e.id, "question": e.question, "golden_answers": golds}) + "\n"
-                          for e in world.train[:8]))
     args = ["--num-rounds", "1", "--grpo-steps", "1", "--batch-size", "4", "--no-opsd", "--eval-limit", "4",
-            "--train-data", str(qa), "--eval-data", str(qa), "--corpus", str(paths["corpus"]),
+            *lenient_data(tmp_path),
             "--save-rollouts", "--run-name", "ddp", "--output-dir", str(tmp_path)]
     env = {**os.environ, "HF_HUB_OFFLINE": "1", "OMP_NUM_THREADS": "1"}
     proc = subprocess.run([sys.executable, "-m", "torch.distributed.run", "--standalone",
@@ -164,7 +259,7 @@ def test_torchrun_two_processes_match_one_process_on_the_same_global_batch(tmp_p
     assert len(episodes) == 4 * 5
     assert 0 < sum(e.reward for e in episodes) < len(episodes)
     cfg = train.parse_config(args)
-    model, _ = tiny.load_tiny(data.make_world(**train.world_args(cfg)), train.world_args(cfg))
+    model, _ = tiny.load_tiny(data.make_world(**train.world_args(cfg)))
     ref = __import__("copy").deepcopy(model).eval().requires_grad_(False)
     optimizer = torch.optim.AdamW(model.parameters(), lr=cfg.lr, weight_decay=cfg.weight_decay)
     model.train()
@@ -178,3 +273,123 @@ def test_torchrun_two_processes_match_one_process_on_the_same_global_batch(tmp_p
         torch.testing.assert_close(two[name], p, atol=1e-5, rtol=0, msg=name)
         changed += int(not torch.equal(p, ref.state_dict()[name]))
     assert changed > 0  # the update did something
+
+
+# ---------------------------------------------------------------- configuration, data stream, loading (in process)
+
+
+def test_tiny_defaults_fill_only_the_flags_not_given_and_none_clears_an_optional_field():
+    import train
+
+    cfg = train.parse_config(["--topk", "2", "--eval-limit", "none"])
+    assert cfg.topk == 2 and cfg.eval_limit is None  # given: kept, although TINY_DEFAULTS has topk 1, eval_limit 200
+    assert cfg.max_new_tokens == train.TINY_DEFAULTS["max_new_tokens"] and cfg.lr == train.TINY_DEFAULTS["lr"]
+    real = train.parse_config(["--model", "some/hub-model"])
+    assert (real.topk, real.max_new_tokens, real.lr) == (3, 500, 1e-6)  # the paper's, for any other model
+    assert train.parse_config(["--no-opsd"]).opsd is False and train.parse_config([]).opsd is True
+
+
+def test_help_shows_the_tiny_value_beside_the_default(capsys):
+    import train
+
+    with pytest.raises(SystemExit):
+        train.parse_config(["--help"])
+    text = " ".join(capsys.readouterr().out.split())
+    assert "(default: 3; --model tiny: 1)" in text and "(default: 500; --model tiny: 40)" in text
+
+
+@pytest.mark.parametrize("flag, value", [
+    ("--temperature", "0"), ("--temperature", "-1"), ("--top-p", "0"), ("--top-p", "1.01"), ("--lr", "0"),
+    ("--lr", "inf"), ("--epsilon", "1"), ("--beta", "-0.1"), ("--weight-decay", "-1"), ("--max-grad-norm", "0"),
+    ("--opsd-clip", "0"), ("--opsd-lr", "-1"), ("--topk", "0"), ("--topk", "101"), ("--num-generations", "1"),
+    ("--max-context-tokens", "1"), ("--chunk-size", "0"), ("--seed", "-1"), ("--world-scale", "0"),
+    ("--eval-limit", "0"), ("--mini-batch-size", "-8"), ("--opsd-max-tokens", "1"), ("--epsilon-high", "0"),
+])
+def test_every_numeric_flag_is_range_checked_with_one_line_naming_it(flag, value):
+    import train
+
+    cfg = train.parse_config([flag, value])
+    with pytest.raises(SystemExit) as err:
+        train.check_config(cfg, 1)
+    assert str(err.value).startswith(f"error: {flag} ") and "must be" in str(err.value) and "\n" not in str(err.value)
+
+
+def test_every_numeric_field_has_a_range():
+    import dataclasses
+    import typing
+
+    import train
+
+    hints = typing.get_type_hints(train.TrainConfig)
+    numeric = {f.name for f in dataclasses.fields(train.TrainConfig)
+               if {int, float} & set(typing.get_args(hints[f.name]) or (hints[f.name],))}
+    assert numeric == set(train.RANGES)
+    train.check_config(train.parse_config([]), 1)  # the defaults pass
+    train.check_config(train.parse_config(["--model", "x/y"]), 1)
+
+
+def test_grpo_and_opsd_question_streams_never_overlap_and_wrap_into_fresh_epochs():
+    import train
+
+    cfg = train.parse_config(["--num-rounds", "3", "--grpo-steps", "4", "--batch-size", "5", "--opsd-questions", "7"])
+    examples = list(range(23))  # 3 x 4 x 5 = 60 GRPO questions: the stream wraps into new epochs
+    spans = {}
+    for rnd, phase, step in train.schedule(cfg):
+        if phase != "eval":
+            start = train.stream_offset(cfg, rnd, phase, step)
+            spans[(rnd, phase, step)] = range(start, start + (cfg.batch_size if phase == "grpo" else cfg.opsd_questions))
+    positions = [p for span in spans.values() for p in span]
+    assert len(positions) == len(set(positions))  # no position is drawn twice
+    grpo = sorted(p for k, span in spans.items() if k[1] == "grpo" for p in span)
+    assert grpo == list(range(60))  # the GRPO steps read the stream in order, from the start
+    stream = train.draw_questions(examples, 100, cfg.seed, 0)
+    for epoch in range(4):  # each epoch is a permutation of the questions
+        assert sorted(stream[epoch * 23:(epoch + 1) * 23]) == examples
+    assert stream[:23] != stream[23:46]  # a new shuffle per epoch
+    for key, span in spans.items():  # a unit's draw is its slice of the one stream, across epoch boundaries too
+        assert train.draw_questions(examples, len(span), cfg.seed, span.start) == \
+            train.draw_questions(examples, span.stop, cfg.seed, 0)[span.start:]
+
+
+def test_dropout_is_off_so_train_and_eval_mode_log_probs_agree():
+    from transformers import Qwen2Config, Qwen2ForCausalLM
+
+    import train
+
+    torch.manual_seed(0)
+    model = Qwen2ForCausalLM(Qwen2Config(vocab_size=50, hidden_size=32, intermediate_size=64, num_hidden_layers=2,
+                                         num_attention_heads=4, num_key_value_heads=2, attention_dropout=0.5))
+    ids = torch.randint(0, 50, (2, 12))
+    with torch.no_grad():
+        assert not torch.equal(model.train()(input_ids=ids).logits, model.eval()(input_ids=ids).logits)
+        train.disable_dropout(model)
+        torch.testing.assert_close(model.train()(input_ids=ids).logits, model.eval()(input_ids=ids).logits,
+                                   rtol=0, atol=0)
+
+
+@pytest.mark.parametrize("tied", [True, False])
+def test_resume_accepts_a_missing_lm_head_only_for_tied_embeddings(tmp_path, tied):
+    from safetensors.torch import save_file
+    from transformers import Qwen2Config, Qwen2ForCausalLM
+
+    import train
+
+    model = Qwen2ForCausalLM(Qwen2Config(vocab_size=50, hidden_size=16, intermediate_size=32, num_hidden_layers=1,
+                                         num_attention_heads=2, num_key_value_heads=1, tie_word_embeddings=tied))
+    optimizer = torch.optim.AdamW(model.parameters())
+    weights = {k: v.clone() for k, v in model.state_dict().items() if k != "lm_head.weight"}
+    save_file(weights, tmp_path / "model.safetensors")
+    torch.save({"optimizer": optimizer.state_dict(), "rng": {"python": __import__("random").getstate(),
+                "numpy": __import__("numpy").random.get_state(), "torch": torch.get_rng_state()}, "next_unit": 1},
+               tmp_path / "trainer_state.pt")
+    if tied:
+        assert train.restore_checkpoint(tmp_path, model, optimizer, "cpu")["next_unit"] == 1
+    else:
+        with pytest.raises(SystemExit, match="does not match the model.*lm_head.weight"):
+            train.restore_checkpoint(tmp_path, model, optimizer, "cpu")
+
+
+def test_readme_configuration_tables_match_the_dataclass():
+    import train
+
+    assert train.config_markdown() in (ROOT / "README.md").read_text()
