@@ -215,7 +215,8 @@ def format_table(results: dict, title: str = "", f1_row: bool = True) -> str:
 
 
 def plot_run(run_dir: Path, out: Path | None = None) -> Path:
-    """PNG of reward, exact match, searches per episode and KL against the schedule, OPSD phases shaded."""
+    """PNG of reward, exact match, searches per episode, KL and the OPSD teacher diagnostic against the schedule,
+    OPSD phases shaded."""
     try:
         import matplotlib
 
@@ -245,7 +246,10 @@ def plot_run(run_dir: Path, out: Path | None = None) -> Path:
         ("KL", [("grpo/kl", "GRPO: k3 KL to reference", "grpo", "line"),
                 ("opsd/kl_before", "OPSD: KL(teacher||student), start -> end of phase", "opsd",
                  ("before", "opsd/kl_after"))]),
+        ("OPSD: greedy EM on its questions", [("opsd/teacher_em", "teacher (reference in its prompt)", "opsd", "points"),
+                                              ("opsd/student_em", "student (normal prompt)", "opsd", "points")]),
     ]
+    panels = [p for p in panels if any(key in r for key, *_ in p[1] for r in rows)]  # (no diagnostic: no panel)
     fig, axes = plt.subplots(len(panels), 1, figsize=(9, 2.5 * len(panels)), sharex=True)
     for ax, (ylabel, lines) in zip(axes, panels):
         for key, label, phase, how in lines:

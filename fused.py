@@ -20,8 +20,10 @@ loss, instead computes its gradient during the forward (its incoming gradient is
 recomputation. The numbers are those of the naive version (tests/test_fused.py). Liger-Kernel does the same with
 Triton kernels (GPU only); this is plain PyTorch and runs anywhere. bench/bench_fused.py measures both.
 
-bf16/fp16 inputs: each chunk's logits are computed in the input dtype and upcast to fp32 (as `logits.float()` in
-transformers), so log_softmax and the KL run in fp32; the weight gradient is accumulated in fp32.
+Precision: each chunk's logits are computed in the lm_head weight's dtype, autocast or not, and upcast to fp32, so
+log_softmax and the KL always run in fp32 and the weight gradient is accumulated in fp32. Under --bf16 the policy
+keeps fp32 weights (parallel.py), so its log-probs come from an fp32 head over the bf16-computed hidden states; a
+frozen bf16 reference or teacher computes its head in bf16 (as `logits.float()` in transformers).
 Out of scope: heads that are not a plain linear map, e.g. a final logit softcapping (Gemma 2), a logit scale
 (Cohere, Granite) or an lm_head bias; `hidden_states` refuses those models.
 """
@@ -38,7 +40,9 @@ def _upcast(x: torch.Tensor) -> torch.Tensor:
 
 
 def _logits(h: torch.Tensor, weight: torch.Tensor, temperature: float) -> torch.Tensor:
-    z = _upcast(h @ weight.T)  # (c, V) in the input dtype, then upcast
+    # In the weight's dtype, whatever autocast says (fp32 for the policy's master weights; module docstring)
+    with torch.autocast(h.device.type, enabled=False):
+        z = _upcast(h.to(weight.dtype) @ weight.T)  # (c, V), then upcast
     return z.div_(temperature) if temperature != 1.0 else z
 
 
@@ -72,10 +76,11 @@ def _entropy(logp: torch.Tensor) -> torch.Tensor:
 
 def _accumulate_grads(dz, h, weight, grad_h, grad_w, rows):
     """Chain d(loss)/d(logits) of a chunk (c, V) through logits = h @ weight.T (the 1/temperature already in dz)."""
-    if grad_h is not None:
-        grad_h[rows] = dz.to(weight.dtype) @ weight  # (c, H)
-    if grad_w is not None:
-        grad_w.addmm_(dz.T, _upcast(h))  # (V, H) += (V, c) @ (c, H), accumulated in fp32
+    with torch.autocast(h.device.type, enabled=False):
+        if grad_h is not None:
+            grad_h[rows] = (dz.to(weight.dtype) @ weight).to(grad_h.dtype)  # (c, H)
+        if grad_w is not None:
+            grad_w.addmm_(dz.T, _upcast(h).to(grad_w.dtype))  # (V, H) += (V, c) @ (c, H), accumulated in fp32
 
 
 class _TokenLogprobs(torch.autograd.Function):

@@ -32,12 +32,24 @@ The method (Search-E1, DESIGN.md "The method" 2-4):
    gradient. clip = 1.0 (train.py's default): a term exceeds 1 only if p_S < p_T * e^(-1/p_T) (p_T = 1: 0.37,
    0.5: 0.068, 0.2: 0.0013), i.e. where the student all but rules out a token the teacher is sure of; ordinary
    disagreement stays unclipped. None = plain forward KL.
-The paper trains a LoRA adapter in this phase; here the whole policy is trained (LoRA is not implemented), with a
-fresh AdamW per phase.
+5. The teacher is frozen at the start of the phase. With --opsd-lora-rank R (the paper's way), a fresh LoRA adapter
+   (PEFT; rank R, alpha 2R unless --opsd-lora-alpha, dropout 0, on every linear layer of the decoder, not the
+   lm_head: LORA_TARGETS) is added to the policy; the student is the policy with its adapter, the teacher the
+   same model with the adapter disabled (no copy of any weight), the optimizer (a fresh AdamW) covers the adapter
+   only, and at the end the adapter is merged into the weights (W += alpha/R * B A), so the next GRPO round trains
+   the merged policy. Without LoRA (R = 0) the whole policy is trained with a fresh AdamW, against a frozen copy
+   (bf16 under --bf16).
+Control (ours, --opsd-reference mismatched): every pair's reference is a correct episode of another question, so
+the teacher's context is a real solution that does not fit; what OPSD gains over it is what the reference's content
+gives (bench/ablation.py).
+Diagnostic (ours, --opsd-diagnostic-pairs n): before any step, greedy episodes of the teacher (the policy with the
+reference in its prompt) and of the student (normal prompt) on n of the pairs' questions. If the teacher is no
+better than the student there is nothing to distil; opsd/teacher_em and opsd/student_em say which.
 """
 from __future__ import annotations
 
-import copy
+import contextlib
+import dataclasses
 import math
 import random
 from dataclasses import dataclass
@@ -46,8 +58,8 @@ import torch
 
 import fused
 from fused import pad_batch, response_hidden
-from parallel import all_mean, all_reduce_sum, all_sum, max_over_ranks, optimizer_step, world_size
-from rollout import OBSERVATION_CLOSE, OBSERVATION_OPEN, Episode, build_prompt
+from parallel import all_mean, all_reduce_sum, all_sum, frozen_copy, max_over_ranks, optimizer_step, world_size
+from rollout import OBSERVATION_CLOSE, OBSERVATION_OPEN, Episode, build_prompt, rollout
 
 # The privileged context appended to the teacher's user turn; {reference} = the reference episode's response.
 TEACHER_CONTEXT = "\n\nA verified correct solution to this question, for reference:\n{reference}\n"
@@ -60,6 +72,7 @@ class Pair:
     student: Episode  # the sibling whose sampled tokens are scored
     reference: Episode  # the correct sibling the teacher reads
     teacher_ids: list[int] | None = None  # the teacher's prompt, once built (bound_teacher_prompts)
+    documents: bool = True  # whether that prompt keeps the reference's retrieved documents
 
 
 # ---------------------------------------------------------------- pairs and the teacher prompt
@@ -108,6 +121,17 @@ def mine_pairs(episodes: list[Episode], students: str = "most_different", thresh
     return pairs, stats
 
 
+def mismatch_references(pairs: list[Pair]) -> list[Pair]:
+    """The control arm (--opsd-reference mismatched): each pair's reference replaced by the reference of another
+    question (the next group's, cyclically), so the teacher reads a correct solution of the wrong question. With a
+    single question there is no other: no pairs."""
+    references = list({p.reference.group_id: p.reference for p in pairs}.values())
+    if len(references) < 2:
+        return []
+    following = {r.group_id: references[(i + 1) % len(references)] for i, r in enumerate(references)}
+    return [Pair(p.student, following[p.reference.group_id]) for p in pairs]
+
+
 def reference_text(tokenizer, episode: Episode, keep_documents: bool = True) -> str:
     """The reference's response as the teacher reads it, special tokens dropped (an end-of-turn token inside the
     user turn would end it). keep_documents=False: each retrieved block becomes <information>OMITTED</information>."""
@@ -143,7 +167,7 @@ def bound_teacher_prompts(pairs: list[Pair], tokenizer, max_tokens: int) -> tupl
         for keep_documents in (True, False):
             ids = teacher_prompt_ids(tokenizer, pair, keep_documents)
             if len(ids) + response <= max_tokens:
-                kept.append(Pair(pair.student, pair.reference, ids))
+                kept.append(Pair(pair.student, pair.reference, ids, keep_documents))
                 cut += not keep_documents
                 break
         else:
@@ -180,12 +204,51 @@ def _pair_batches(pairs: list[Pair], tokenizer, micro: int, device):
         yield student, teacher
 
 
+# ---------------------------------------------------------------- the teacher: a frozen copy, or the adapter off
+
+# LoRA on every linear layer of the decoder (PEFT's "all-linear": q, k, v, o, gate, up, down in Qwen2 / Llama),
+# never on the lm_head, which Qwen2.5 ties to the embedding.
+LORA_TARGETS = "all-linear"
+
+
+@contextlib.contextmanager
+def as_teacher(model):
+    """The teacher's view of `model`: a PEFT model with its adapter disabled (LoRA OPSD: the weights as they were
+    when the phase began), else the model itself (a frozen copy)."""
+    if hasattr(model, "disable_adapter"):
+        with model.disable_adapter():
+            yield model
+    else:
+        yield model
+
+
+def add_adapter(policy, rank: int, alpha: float):
+    """A PEFT model around `policy` with a fresh LoRA adapter (B = 0: the policy's function is unchanged); the base
+    weights are frozen in place, nothing is copied."""
+    try:
+        from peft import LoraConfig, get_peft_model
+    except ImportError:
+        raise RuntimeError("--opsd-lora-rank needs PEFT: pip install -r requirements-lora.txt") from None
+    config = LoraConfig(r=rank, lora_alpha=alpha, lora_dropout=0.0, target_modules=LORA_TARGETS, bias="none")
+    return get_peft_model(policy, config)
+
+
+def merge_adapter(peft_model, trainable: dict[str, bool]):
+    """W += (alpha / rank) * B @ A in every adapted layer, the adapter removed; the policy's parameters (the same
+    tensors the GRPO optimizer holds) get back the requires_grad flags they had -> the policy."""
+    policy = peft_model.merge_and_unload()
+    for name, p in policy.named_parameters():
+        p.requires_grad_(trainable[name])
+    return policy
+
+
 # ---------------------------------------------------------------- one update
 
 
 def opsd_step(student_model, teacher_model, optimizer, pairs: list[Pair], tokenizer, cfg) -> dict:
     """One optimizer step of OPSD over `pairs` (may be empty on some process) -> namespaced metrics.
 
+    The teacher is a frozen copy, or with LoRA the student itself, read with its adapter off (as_teacher).
     cfg attributes: opsd_clip, micro_batch_size, max_grad_norm, chunk_size, temperature.
     """
     device = next(student_model.parameters()).device
@@ -194,8 +257,8 @@ def opsd_step(student_model, teacher_model, optimizer, pairs: list[Pair], tokeni
     kl_sum = entropy_sum = 0.0
     if num_tokens > 0:
         for student, teacher in _pair_batches(pairs, tokenizer, cfg.micro_batch_size, device):
-            with torch.no_grad():
-                teacher_h, teacher_w = response_hidden(teacher_model, teacher)  # (n, H), (V, H)
+            with torch.no_grad(), as_teacher(teacher_model) as t:
+                teacher_h, teacher_w = response_hidden(t, teacher)  # (n, H), (V, H)
             student_h, student_w = response_hidden(student_model, student)  # (n, H), (V, H)
             loss, m = opsd_loss(student_h, teacher_h, student_w, teacher_w, clip=cfg.opsd_clip,
                                 normaliser=num_tokens, chunk_size=cfg.chunk_size, temperature=cfg.temperature)
@@ -220,18 +283,29 @@ def opsd_step(student_model, teacher_model, optimizer, pairs: list[Pair], tokeni
 
 
 @torch.no_grad()
-def opsd_kl(student_model, teacher_model, pairs: list[Pair], tokenizer, cfg) -> float:
-    """Unclipped forward KL(teacher || student), token mean over all pairs' loss tokens on all processes."""
+def opsd_kl(student_model, teacher_model, pairs: list[Pair], tokenizer, cfg, threshold: float = 1.0) -> dict:
+    """Unclipped forward KL(teacher || student), token means over all pairs' loss tokens on all processes:
+    {"all", "correct", "incorrect"}, the last two over pairs whose student is correct / incorrect (absent when no
+    process has such a pair)."""
     device = next(student_model.parameters()).device
-    kl_sum, tokens = 0.0, 0.0
-    for student, teacher in _pair_batches(pairs, tokenizer, cfg.micro_batch_size, device):
-        teacher_h, teacher_w = response_hidden(teacher_model, teacher)
+    sums = torch.zeros(6, dtype=torch.float64)  # kl, tokens: all, correct students, incorrect students
+    for s, (student, teacher) in zip(range(0, len(pairs), cfg.micro_batch_size),
+                                     _pair_batches(pairs, tokenizer, cfg.micro_batch_size, device)):
+        with as_teacher(teacher_model) as t:
+            teacher_h, teacher_w = response_hidden(t, teacher)
         student_h, student_w = response_hidden(student_model, student)
         kl = fused.forward_kl(student_h, teacher_h, student_w, teacher_w, None, cfg.chunk_size, cfg.temperature)
-        kl_sum += float(kl.sum())
-        tokens += kl.shape[0]
-    kl_sum, tokens = all_reduce_sum(torch.tensor([kl_sum, tokens], dtype=torch.float64)).tolist()
-    return kl_sum / max(tokens, 1.0)
+        correct = torch.tensor([pairs[s + int(r)].student.reward >= threshold for r in student.rows.tolist()],
+                               dtype=torch.bool)  # (n,) per loss token
+        kl = kl.double().cpu()
+        sums += torch.stack([kl.sum(), torch.tensor(float(len(kl))), kl[correct].sum(), correct.sum().double(),
+                             kl[~correct].sum(), (~correct).sum().double()])
+    sums = all_reduce_sum(sums).tolist()
+    out = {"all": sums[0] / max(sums[1], 1.0)}
+    for name, i in (("correct", 2), ("incorrect", 4)):
+        if sums[i + 1] > 0:
+            out[name] = sums[i] / sums[i + 1]
+    return out
 
 
 # ---------------------------------------------------------------- one phase
@@ -247,14 +321,42 @@ def phase_metrics(steps: list[dict]) -> dict:
     return out
 
 
-def opsd_phase(policy, episodes: list[Episode], tokenizer, cfg, *, seed: int) -> dict:
+def kl_metrics(kl: dict, when: str) -> dict:
+    return {f"opsd/kl_{when}" + ("" if k == "all" else f"_{k}"): v for k, v in kl.items()}
+
+
+@torch.no_grad()
+def teacher_diagnostic(policy, pairs: list[Pair], tokenizer, retriever, rollout_cfg, n: int) -> dict:
+    """Can the teacher do what the student cannot? Greedy episodes of the teacher (the policy, reference in its
+    prompt) and of the student (the policy, normal prompt) on the questions of up to n pairs, one pair per
+    question -> exact match of each (means over all processes' questions) and the number of questions."""
+    chosen = list({p.student.group_id: p for p in pairs}.values())[:n]
+    greedy = dataclasses.replace(rollout_cfg, num_generations=1, greedy=True)
+    examples = [p.student.example for p in chosen]
+    privileged = [TEACHER_CONTEXT.format(reference=reference_text(tokenizer, p.reference, p.documents))
+                  for p in chosen]
+    teacher = rollout(policy, tokenizer, examples, retriever, greedy, privileged=privileged)
+    student = rollout(policy, tokenizer, examples, retriever, greedy)
+    sums = all_sum({"teacher": sum(e.reward for e in teacher), "student": sum(e.reward for e in student),
+                    "n": len(chosen)})
+    k = max(sums["n"], 1.0)
+    return {"opsd/teacher_em": sums["teacher"] / k, "opsd/student_em": sums["student"] / k,
+            "opsd/diagnostic_questions": sums["n"]}
+
+
+def opsd_phase(policy, episodes: list[Episode], tokenizer, cfg, *, seed: int, retriever=None,
+               rollout_cfg=None) -> dict:
     """One OPSD phase on fresh on-policy episodes (this process's share) -> namespaced metrics (module docstring).
 
-    cfg attributes: opsd_students, opsd_max_tokens, max_context_tokens, opsd_lr, lr, weight_decay, opsd_epochs,
-    opsd_batch_size (pairs per optimizer step, all processes), and those of opsd_step. `seed` orders the pairs.
+    cfg attributes: opsd_students, opsd_reference, opsd_max_tokens, max_context_tokens, opsd_lora_rank,
+    opsd_lora_alpha, bf16, opsd_lr, lr, weight_decay, opsd_epochs, opsd_batch_size (pairs per optimizer step, all
+    processes), opsd_diagnostic_pairs, and those of opsd_step. `seed` orders the pairs; with a retriever and a
+    rollout config the teacher diagnostic runs. The policy is trained in place (with LoRA: its merged adapter).
     """
     # 1-2. pairs, each with its teacher prompt within the length bound
     pairs, mined = mine_pairs(episodes, students=cfg.opsd_students)
+    if cfg.opsd_reference == "mismatched":  # the control: does the reference's content matter?
+        pairs = mismatch_references(pairs)
     positions = getattr(policy.config.get_text_config(), "max_position_embeddings", None) or math.inf
     max_tokens = min(cfg.opsd_max_tokens or cfg.max_context_tokens, positions)
     pairs, bounded = bound_teacher_prompts(pairs, tokenizer, max_tokens)
@@ -262,23 +364,33 @@ def opsd_phase(policy, episodes: list[Episode], tokenizer, cfg, *, seed: int) ->
     counts["pairs"] = float(len(pairs))  # the pairs trained on: mined, minus those over the length bound
     metrics = {f"opsd/{k}": v for k, v in all_mean(mined).items()}  # means over processes
     metrics |= {f"opsd/{k}": v for k, v in all_sum(counts).items()}  # sums over processes
+    if cfg.opsd_diagnostic_pairs and retriever is not None:  # before any step: the policy is the teacher now
+        metrics |= teacher_diagnostic(policy, pairs, tokenizer, retriever, rollout_cfg, cfg.opsd_diagnostic_pairs)
 
-    # 3-4. the teacher: the policy as it is now, frozen
-    teacher = copy.deepcopy(policy).eval().requires_grad_(False)
-    optimizer = torch.optim.AdamW(policy.parameters(), lr=cfg.opsd_lr or cfg.lr, weight_decay=cfg.weight_decay)
-    metrics["opsd/kl_before"] = opsd_kl(policy, teacher, pairs, tokenizer, cfg)
+    # 3. the teacher, frozen at the start of the phase: the policy with a fresh adapter turned off (LoRA, the
+    #    paper's way: no copy), or a copy of the policy (full fine-tuning; in bf16 under --bf16)
+    if cfg.opsd_lora_rank:
+        trainable = {name: p.requires_grad for name, p in policy.named_parameters()}
+        student = teacher = add_adapter(policy, cfg.opsd_lora_rank, cfg.opsd_lora_alpha or 2 * cfg.opsd_lora_rank)
+    else:
+        student, teacher = policy, frozen_copy(policy, torch.bfloat16 if cfg.bf16 else None)
+    params = [p for p in student.parameters() if p.requires_grad]  # the adapter, or the whole policy
+    optimizer = torch.optim.AdamW(params, lr=cfg.opsd_lr or cfg.lr, weight_decay=cfg.weight_decay)
+    metrics |= kl_metrics(opsd_kl(student, teacher, pairs, tokenizer, cfg), "before")
 
-    # 5. optimizer steps; every process takes the same number (gradients are all-reduced), some maybe empty
+    # 4-5. optimizer steps; every process takes the same number (gradients are all-reduced), some maybe empty
     per_rank = max(cfg.opsd_batch_size // world_size(), 1)
     num_steps = -(-max_over_ranks(len(pairs)) // per_rank)
     rng, steps = random.Random(seed), []
     for _ in range(cfg.opsd_epochs):
         order = rng.sample(pairs, len(pairs))
         for i in range(num_steps):
-            steps.append(opsd_step(policy, teacher, optimizer, order[i * per_rank:(i + 1) * per_rank], tokenizer,
+            steps.append(opsd_step(student, teacher, optimizer, order[i * per_rank:(i + 1) * per_rank], tokenizer,
                                    cfg))
     metrics |= phase_metrics(steps)
 
-    # 6. what the phase did to the KL on its own pairs
-    metrics["opsd/kl_after"] = opsd_kl(policy, teacher, pairs, tokenizer, cfg)
+    # 6. what the phase did to the KL on its own pairs; the adapter goes into the weights GRPO trains next
+    metrics |= kl_metrics(opsd_kl(student, teacher, pairs, tokenizer, cfg), "after")
+    if cfg.opsd_lora_rank:
+        merge_adapter(student, trainable)
     return metrics

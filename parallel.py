@@ -1,17 +1,55 @@
-"""Distributed plumbing shared by both objectives: sums over processes and the optimizer step.
+"""How the model runs on the hardware, shared by both objectives and train.py: processes and precision.
 
+    with autocast(cfg.bf16, device): ...               # bf16 compute, fp32 master weights (train.py, each unit)
+    ref = frozen_copy(policy, torch.bfloat16)          # a reference / teacher without gradients, in bf16
+    episodes = rollout(for_decoding(policy, cfg.bf16), ...)    # decode with a bf16 copy: a bf16 KV cache
     loss, grad_norm, applied = optimizer_step(model, optimizer, loss, max_grad_norm)   # grpo.py, opsd.py
 
-One process: every function here is the identity or a plain local step. Under `torchrun` (gloo on CPU, NCCL on
-GPU) each process holds its shard of the episodes; losses are divided by normalisers counted over all processes,
-so the SUM of the per-process gradients is the gradient of the global loss.
+Processes. One process: every function here is the identity or a plain local step. Under `torchrun` (gloo on
+CPU, NCCL on GPU) each process holds its shard of the episodes; losses are divided by normalisers counted over
+all processes, so the SUM of the per-process gradients is the gradient of the global loss.
+
+Precision (--bf16). The policy keeps fp32 weights, and AdamW keeps fp32 state, so an update of 1e-6 relative size
+is not rounded away (a bf16 weight has 8 bits of mantissa: updates below ~1/256 of a weight vanish, and at lr 1e-6
+nearly all do; verl: "create model in fp32, otherwise the optimizer is in bf16, which is incorrect"). Forward
+passes run under torch.autocast(bfloat16): matmuls in bf16, the residual stream, norms and softmaxes in fp32, the
+rollouts decode with a bf16 copy of the policy (for_decoding), so the KV cache is bf16 too. Bytes per trained
+parameter: 4 (weight) + 4 (gradient) + 8 (AdamW's two moments) = 16, plus the bf16 copy that autocast keeps of
+each weight while a forward region runs, or that a rollout decodes with (2). Models without gradients (the GRPO
+reference, the full-fine-tuning OPSD teacher) hold bf16 weights: 2 bytes per parameter. The fused lm_head
+(fused.py) computes in its weight's dtype: fp32 for the policy, so per-token log-probs and ratios are not
+blurred by bf16 rounding of the logits (an error of ~0.4% of a logit of 20 is a ratio error of ~8%).
 """
 from __future__ import annotations
 
+import copy
 import math
 
 import torch
 import torch.distributed as dist
+
+
+def autocast(enabled: bool, device) -> torch.autocast:
+    """bf16 compute for everything inside (a no-op when not enabled): module docstring, "Precision"."""
+    return torch.autocast(torch.device(device).type, dtype=torch.bfloat16, enabled=enabled)
+
+
+def for_decoding(policy, bf16: bool):
+    """The model rollouts decode with: the policy itself, or under --bf16 a bf16 copy made for this rollout (2
+    bytes per parameter, freed after it). Decoding the fp32 policy under autocast would keep the KV cache's keys in
+    fp32 (the rotary embedding multiplies them by the fp32 residual stream's cos/sin): 1.5x the cache."""
+    return frozen_copy(policy, torch.bfloat16) if bf16 else policy
+
+
+def frozen_copy(model, dtype: torch.dtype | None = None):
+    """A copy of `model` for inference only (eval mode, no gradients), its parameters in `dtype` (None: as they
+    are). Each parameter is converted on its own while copying, so a bf16 copy of an fp32 model never holds a
+    second fp32 set; tied parameters stay tied."""
+    memo = {}
+    for p in model.parameters():
+        if id(p) not in memo:
+            memo[id(p)] = torch.nn.Parameter(p.detach().to(dtype or p.dtype, copy=True), requires_grad=False)
+    return copy.deepcopy(model, memo).eval().requires_grad_(False)
 
 
 def distributed() -> bool:

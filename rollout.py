@@ -87,6 +87,7 @@ class RolloutConfig:
     top_p: float = 1.0
     greedy: bool = False  # evaluation decodes greedily
     seed: int = 0
+    rollout_batch_size: int | None = None  # most episodes decoding at once (their KV cache); None = all
 
 
 @dataclass
@@ -304,34 +305,47 @@ def generate_turn(model, tokenizer, state: KVState | None, pending: list[list[in
 # ---------------------------------------------------------------- the episode loop
 
 
-def rollout(model, tokenizer, examples: list[Example], retriever, cfg: RolloutConfig) -> list[Episode]:
+def rollout(model, tokenizer, examples: list[Example], retriever, cfg: RolloutConfig,
+            privileged: list[str] | None = None) -> list[Episode]:
     """`num_generations` episodes per example (example-major order, group_id = the example's index here).
 
+    At most `cfg.rollout_batch_size` episodes decode at once (None: all): the episodes are cut into chunks in
+    order, each decoded with its own KV cache, which is freed before the next chunk starts. A chunk may split a
+    group; group ids are set before chunking, so they stay one per question. Greedy episodes do not depend on the
+    chunking; sampled ones draw from one generator across chunks, so a run is deterministic for a given bound.
+    `privileged[i]`, if given, is appended to example i's user turn (OPSD's teacher reading a reference).
     The model decodes in eval mode (no dropout; with gradient checkpointing on, a training-mode model would not
     fill the KV cache) and is put back in the mode it came in.
     """
-    was_training = model.training
-    model.eval()
-    try:
-        return _rollout(model, tokenizer, examples, retriever, cfg)
-    finally:
-        model.train(was_training)
-
-
-def _rollout(model, tokenizer, examples: list[Example], retriever, cfg: RolloutConfig) -> list[Episode]:
     if cfg.max_new_tokens < 1 or cfg.max_obs_tokens < 1 or cfg.max_turns < 0 or cfg.num_generations < 1:
         raise ValueError(f"bad RolloutConfig: {cfg}")
-    greedy = cfg.greedy or cfg.temperature == 0
-    generator = None if greedy else torch.Generator(device=_device(model)).manual_seed(cfg.seed)
-    eos_ids = eos_token_ids(model, tokenizer)
-    note_ids = tokenizer(INVALID_ACTION_NOTE, add_special_tokens=False).input_ids
-
+    if cfg.rollout_batch_size is not None and cfg.rollout_batch_size < 1:
+        raise ValueError(f"rollout_batch_size must be at least 1, got {cfg.rollout_batch_size}")
     episodes = []
     for group_id, example in enumerate(examples):
         # A chat template writes its own special tokens; a plain prompt gets the tokenizer's (e.g. a BOS).
-        prompt_ids = tokenizer(build_prompt(tokenizer, example.question),
-                               add_special_tokens=not getattr(tokenizer, "chat_template", None)).input_ids
+        prompt = build_prompt(tokenizer, example.question, privileged=privileged[group_id] if privileged else "")
+        prompt_ids = tokenizer(prompt, add_special_tokens=not getattr(tokenizer, "chat_template", None)).input_ids
         episodes += [Episode(example, group_id, list(prompt_ids), [], []) for _ in range(cfg.num_generations)]
+    greedy = cfg.greedy or cfg.temperature == 0
+    generator = None if greedy else torch.Generator(device=_device(model)).manual_seed(cfg.seed)
+    size = cfg.rollout_batch_size or max(len(episodes), 1)
+    was_training = model.training
+    model.eval()
+    try:
+        for start in range(0, len(episodes), size):
+            _decode(model, tokenizer, episodes[start:start + size], retriever, cfg, greedy, generator)
+    finally:
+        model.train(was_training)
+    for e in episodes:
+        e.text = tokenizer.decode(e.response_ids)
+    return episodes
+
+
+def _decode(model, tokenizer, episodes: list[Episode], retriever, cfg: RolloutConfig, greedy: bool, generator):
+    """Run these episodes to their end, in one batch with one KV cache (dropped on return)."""
+    eos_ids = eos_token_ids(model, tokenizer)
+    note_ids = tokenizer(INVALID_ACTION_NOTE, add_special_tokens=False).input_ids
 
     def room(e: Episode) -> int:
         return cfg.max_context_tokens - len(e.prompt_ids) - len(e.response_ids)
@@ -404,7 +418,3 @@ def _rollout(model, tokenizer, examples: list[Example], retriever, cfg: RolloutC
             state = select_rows(state, keep)
         pending = [[outputs[i][0][-1]] + injected[i] for i in keep]
         active = [active[i] for i in keep]
-
-    for e in episodes:
-        e.text = tokenizer.decode(e.response_ids)
-    return episodes

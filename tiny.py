@@ -254,16 +254,18 @@ def warm_start_data(world, tokenizer, recipe: TinyRecipe, n: int, flawed: bool,
 # ---------------------------------------------------------------- model
 
 
-def build_model(tokenizer, recipe: TinyRecipe) -> Qwen2ForCausalLM:
-    config = Qwen2Config(
-        vocab_size=len(tokenizer), hidden_size=recipe.hidden_size, intermediate_size=recipe.intermediate_size,
+def model_config(recipe: TinyRecipe, vocab_size: int, eos_token_id=None, pad_token_id=None) -> Qwen2Config:
+    return Qwen2Config(
+        vocab_size=vocab_size, hidden_size=recipe.hidden_size, intermediate_size=recipe.intermediate_size,
         num_hidden_layers=recipe.num_layers, num_attention_heads=recipe.num_heads,
         num_key_value_heads=recipe.num_kv_heads, max_position_embeddings=recipe.max_positions,
-        tie_word_embeddings=True, bos_token_id=None, eos_token_id=tokenizer.eos_token_id,
-        pad_token_id=tokenizer.pad_token_id,
+        tie_word_embeddings=True, bos_token_id=None, eos_token_id=eos_token_id, pad_token_id=pad_token_id,
     )
+
+
+def build_model(tokenizer, recipe: TinyRecipe) -> Qwen2ForCausalLM:
     torch.manual_seed(recipe.seed)
-    return Qwen2ForCausalLM(config)
+    return Qwen2ForCausalLM(model_config(recipe, len(tokenizer), tokenizer.eos_token_id, tokenizer.pad_token_id))
 
 
 def supervised_pass(model, trajectories, recipe: TinyRecipe, lr: float, stage: str = "", log=print) -> list[float]:

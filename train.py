@@ -25,8 +25,8 @@ The file reads top-down: configuration, loading, the schedule, then `main`, whos
 # ALGO (the method: rollout, update, evaluation) or # PLUMBING (logging, checkpoints, processes).
 """
 import argparse
-import copy
 import dataclasses
+import importlib.util
 import inspect
 import json
 import math
@@ -48,9 +48,11 @@ from tqdm.auto import tqdm
 import data
 import evaluate
 import grpo
+import memory
 import opsd
 import parallel
 from rollout import RolloutConfig, rollout
+import search
 from search import BM25Retriever, HTTPRetriever, parse_corpus_row
 
 
@@ -59,11 +61,11 @@ class TrainConfig:
     # --- model
     model: str = "tiny"  # "tiny" (built-in, trained in-process), a hub id, a local directory or a run's checkpoint
     gguf_file: str | None = None  # load `model` from this GGUF file inside it (needs gguf + accelerate)
-    bf16: bool = False  # bfloat16 weights and activations (GPU); fp32 otherwise
+    bf16: bool = False  # bf16 compute (autocast), fp32 master weights and AdamW; frozen copies in bf16 (GPU)
     gradient_checkpointing: bool = False  # recompute activations in backward (large models)
     # --- data
     train_data: str | None = None  # FlashRAG / Search-R1 file or hub name; None = the synthetic world
-    eval_data: str | None = None  # comma-separated files, hub names or benchmark names (with --data-dir); None = synthetic
+    eval_data: str | None = None  # comma-separated files, hub names, benchmark names (--data-dir); None = synthetic
     data_dir: str | None = None  # where benchmark names in --eval-data are looked up (FlashRAG's nq/test.jsonl, ...)
     eval_limit: int | None = None  # questions per eval set (None = all)
     world_seed: int = 0  # seed of the synthetic world
@@ -71,7 +73,10 @@ class TrainConfig:
     world_train: int = 6000  # training questions in the synthetic world (its test split has 200)
     # --- retrieval
     retriever: str | None = None  # http://host:port/retrieve (Search-R1 API); None = local BM25 over `corpus`
-    corpus: str | None = None  # Search-R1 corpus jsonl for local BM25; None = the synthetic world's corpus
+    corpus: str | None = None  # Search-R1 corpus jsonl for local BM25 or --dense; None = the synthetic world's corpus
+    dense: str | None = None  # in-process dense retrieval, this encoder (intfloat/e5-base-v2); None = BM25
+    embeddings: str | None = None  # --dense: passage embeddings .npy, loaded or written; None = beside the corpus
+    faiss_index: str | None = None  # --dense: search this FAISS index (Search-R1's e5_Flat.index), not exact
     topk: int = 3  # passages per search
     # --- rollout (Search-R1 defaults)
     num_generations: int = 5  # G, samples per question
@@ -81,6 +86,7 @@ class TrainConfig:
     max_context_tokens: int = 4096  # prompt + response
     temperature: float = 1.0  # sampling temperature of training rollouts (evaluation is greedy)
     top_p: float = 1.0  # nucleus mass of training rollouts
+    rollout_batch_size: int | None = 128  # most episodes decoding at once (their KV cache); None = all
     # --- schedule
     num_rounds: int = 2  # GRPO -> OPSD rounds (the paper: 2)
     grpo_steps: int = 100  # GRPO updates per round
@@ -107,9 +113,15 @@ class TrainConfig:
     opsd_lr: float | None = None  # None = lr
     opsd_clip: float | None = 1.0  # upper clip of each vocabulary entry's KL term (None = off)
     opsd_students: str = "most_different"  # most_different | incorrect | all
-    opsd_max_tokens: int | None = None  # bound on the teacher's sequence (privileged prompt + student response); None = max_context_tokens
+    opsd_reference: str = "sibling"  # sibling (the paper) | mismatched (control: another question's correct episode)
+    opsd_max_tokens: int | None = None  # teacher sequence bound (prompt, reference, student); None = max_context
+    opsd_lora_rank: int = 64  # LoRA rank in the OPSD phase (the paper's adapter; needs PEFT); 0 = full fine-tuning
+    opsd_lora_alpha: float | None = None  # LoRA alpha (scale alpha / rank); None = 2 x rank
+    opsd_diagnostic_pairs: int = 64  # greedy teacher vs student episodes on this many questions a phase; 0 = off
     # --- plumbing
     eval_only: bool = False  # evaluate --model on the eval sets and stop (the benchmark runner)
+    dry_run: bool = False  # print the memory plan and stop (reads only the model's config)
+    gpu_memory_gb: float | None = None  # the memory plan's budget per GPU; None = the device's memory
     eval_at_start: bool = True  # evaluate the starting model first: the baseline of the curves (--no-eval-at-start)
     output_dir: str = "runs"  # run folders go here
     run_name: str | None = None  # None = a timestamp
@@ -124,10 +136,10 @@ TINY_DEFAULTS = dict(
     lr=2e-4, weight_decay=0.0, grpo_steps=16, batch_size=16, opsd_questions=64, opsd_batch_size=32,
     mini_batch_size=None, micro_batch_size=80, max_new_tokens=40, max_obs_tokens=160, max_context_tokens=800,
     eval_limit=200, save_every=4, opsd_lr=2e-4, topk=1,  # topk: the passages tiny.py warm-starts on
+    rollout_batch_size=320, opsd_lora_rank=0,  # all of an OPSD phase's episodes at once; full fine-tuning (no PEFT)
 )
 # Fields a checkpoint's saved configuration does not pass on to a run or evaluation started from it.
-NOT_INHERITED = ("model", "gguf_file", "resume", "run_name", "output_dir", "eval_only", "save_rollouts")
-EVAL_QUESTIONS_PER_BATCH = 64  # questions per greedy rollout batch in evaluation
+NOT_INHERITED = ("model", "gguf_file", "resume", "run_name", "output_dir", "eval_only", "save_rollouts", "dry_run")
 
 
 # ---------------------------------------------------------------- configuration
@@ -230,6 +242,7 @@ RANGES = {
     "max_context_tokens": (lambda v: v >= 2, "at least 2"),
     "temperature": (lambda v: v > 0, "positive (evaluation is greedy anyway; 0 would divide the log-probs by 0)"),
     "top_p": (lambda v: 0 < v <= 1, "in (0, 1]"),
+    "rollout_batch_size": (lambda v: v >= 1, "at least 1"),
     "num_rounds": (lambda v: v >= 0, "non-negative"),
     "grpo_steps": (lambda v: v >= 0, "non-negative"),
     "batch_size": (lambda v: v >= 1, "at least 1"),
@@ -249,11 +262,15 @@ RANGES = {
     "opsd_lr": (lambda v: v > 0, "positive"),
     "opsd_clip": (lambda v: v > 0, "positive"),
     "opsd_max_tokens": (lambda v: v >= 2, "at least 2"),
+    "opsd_lora_rank": (lambda v: v >= 0, "non-negative (0 = full fine-tuning)"),
+    "opsd_lora_alpha": (lambda v: v > 0, "positive"),
+    "opsd_diagnostic_pairs": (lambda v: v >= 0, "non-negative"),
+    "gpu_memory_gb": (lambda v: v > 0, "positive"),
     "seed": (lambda v: v >= 0, "non-negative"),
     "save_every": (lambda v: v >= 1, "at least 1"),
 }
 CHOICES = {"loss_type": ("token_mean", "seq_mean", "dr_grpo"), "scale_rewards": ("group", "batch", "none"),
-           "opsd_students": ("most_different", "incorrect", "all")}
+           "opsd_students": ("most_different", "incorrect", "all"), "opsd_reference": ("sibling", "mismatched")}
 
 
 def check_config(cfg: TrainConfig, world_size: int) -> None:
@@ -275,6 +292,10 @@ def check_config(cfg: TrainConfig, world_size: int) -> None:
             "episodes of a step")
     if cfg.mini_batch_size and cfg.mini_batch_size % world_size:
         bad(f"--mini-batch-size {cfg.mini_batch_size} is not divisible by the {world_size} processes")
+    if (cfg.embeddings or cfg.faiss_index) and not cfg.dense:
+        bad(f"{'--embeddings' if cfg.embeddings else '--faiss-index'} is for dense retrieval: give --dense MODEL")
+    if cfg.dense and cfg.retriever:
+        bad("--dense retrieves in-process; --retriever asks a server: give one of them")
     if cfg.train_data and not (cfg.corpus or cfg.retriever):
         bad("--train-data needs a retriever: give --corpus FILE (local BM25) or --retriever URL")
     if cfg.eval_only:
@@ -284,6 +305,10 @@ def check_config(cfg: TrainConfig, world_size: int) -> None:
         bad("--train-data and --eval-data go together (without both, the run uses the synthetic world)")
     if not (cfg.train_data or cfg.eval_data) and cfg.corpus:
         bad("--corpus needs --train-data and --eval-data (the synthetic world brings its own corpus)")
+    if cfg.opsd and cfg.opsd_lora_rank and not (cfg.eval_only or cfg.dry_run) and \
+            importlib.util.find_spec("peft") is None:
+        bad(f"--opsd-lora-rank {cfg.opsd_lora_rank} (LoRA in the OPSD phase, the default for real models) needs PEFT: "
+            "pip install -r requirements-lora.txt, or --opsd-lora-rank 0 for full fine-tuning")
     if is_run_folder(Path(cfg.model)):
         bad(f"--model {cfg.model}: this is a run folder: use {Path(cfg.model) / 'checkpoint'}")
 
@@ -293,7 +318,7 @@ def rollout_config(cfg: TrainConfig, *, seed: int, greedy: bool = False) -> Roll
         num_generations=1 if greedy else cfg.num_generations, max_turns=cfg.max_turns,
         max_new_tokens=cfg.max_new_tokens, max_obs_tokens=cfg.max_obs_tokens,
         max_context_tokens=cfg.max_context_tokens, topk=cfg.topk, temperature=cfg.temperature,
-        top_p=cfg.top_p, greedy=greedy, seed=seed,
+        top_p=cfg.top_p, greedy=greedy, seed=seed, rollout_batch_size=cfg.rollout_batch_size,
     )
 
 
@@ -301,7 +326,8 @@ def rollout_config(cfg: TrainConfig, *, seed: int, greedy: bool = False) -> Roll
 
 
 def load_model(cfg: TrainConfig, world, device):
-    """(model, tokenizer), dropout off. 'tiny' is built in-process (tiny.py); anything else goes through transformers."""
+    """(model, tokenizer), fp32 weights (--bf16 computes in bf16 through autocast: parallel.py), dropout off.
+    'tiny' is built in-process (tiny.py); anything else goes through transformers."""
     from transformers import AutoModelForCausalLM, AutoTokenizer
 
     if cfg.model == "tiny":
@@ -320,18 +346,30 @@ def load_model(cfg: TrainConfig, world, device):
             kwargs |= hub_access(cfg.model)
         try:
             tokenizer = AutoTokenizer.from_pretrained(cfg.model, **kwargs)
-            model = AutoModelForCausalLM.from_pretrained(
-                cfg.model, dtype=torch.bfloat16 if cfg.bf16 else torch.float32, **kwargs
-            )
+            model = AutoModelForCausalLM.from_pretrained(cfg.model, dtype=torch.float32, **kwargs)
         except (OSError, ValueError) as e:
             raise SystemExit(f"error: cannot load model {cfg.model!r}: {str(e).strip().splitlines()[0]}")
-    if cfg.bf16:
-        model = model.to(torch.bfloat16)
+        if cfg.gguf_file:
+            drop_gguf_marker(model)
     disable_dropout(model)
-    if cfg.gradient_checkpointing:
-        model.gradient_checkpointing_enable()
+    if cfg.gradient_checkpointing:  # (transformers 5 renamed it; 4.x has only the old name)
+        getattr(model, "activation_checkpointing_enable", model.gradient_checkpointing_enable)()
         model.config.use_cache = False  # rollouts pass use_cache explicitly
     return model.to(device), tokenizer
+
+
+def drop_gguf_marker(model) -> None:
+    """transformers loads a GGUF file into plain fp32 modules (dequantized) but keeps its quantizer attached, which
+    makes save_pretrained refuse the model; training these weights is fine, so the marker goes. GGUF blocks that
+    stayed quantized (transformers with the `kernels` package) cannot be trained: an error says so."""
+    kept = {type(m).__name__ for m in model.modules() if "gguf" in type(m).__name__.lower()}
+    if kept:
+        raise SystemExit(f"error: --gguf-file: the model kept quantized GGUF modules ({', '.join(sorted(kept))}), "
+                         "which cannot be trained; uninstall `kernels` so that transformers dequantizes them")
+    model.hf_quantizer = None
+    model.is_quantized = False
+    if hasattr(model.config, "quantization_config"):
+        del model.config.quantization_config
 
 
 def hub_access(name: str) -> dict:
@@ -368,26 +406,61 @@ def disable_dropout(model) -> None:
                 setattr(module, name, 0.0)
 
 
+def model_config(cfg: TrainConfig):
+    """The model's transformers config alone (the memory plan, --dry-run): no weights are read."""
+    if cfg.model == "tiny":
+        import tiny
+
+        recipe = tiny.TinyRecipe()
+        return tiny.model_config(recipe, vocab_size=recipe.vocab_size + 1)  # (+ the instruction token)
+    from transformers import AutoConfig
+
+    kwargs = {"gguf_file": cfg.gguf_file} if cfg.gguf_file else {}
+    if not Path(cfg.model).is_dir():
+        kwargs |= hub_access(cfg.model)
+    try:
+        return AutoConfig.from_pretrained(cfg.model, **kwargs)
+    except (OSError, ValueError) as e:
+        raise SystemExit(f"error: cannot read the config of model {cfg.model!r}: {str(e).strip().splitlines()[0]}")
+
+
+def memory_budget(cfg: TrainConfig, device) -> int | None:
+    """Bytes per GPU the plan is checked against: --gpu-memory-gb, else the CUDA device's, else none (CPU)."""
+    if cfg.gpu_memory_gb:
+        return int(cfg.gpu_memory_gb * memory.GiB)
+    if torch.device(device).type == "cuda":
+        return torch.cuda.get_device_properties(device).total_memory
+    return None
+
+
 def world_args(cfg: TrainConfig) -> dict:
     return {"seed": cfg.world_seed, "scale": cfg.world_scale, "num_train": cfg.world_train}
 
 
-def make_retriever(url: str | None, corpus: str | None, world):
-    """HTTP (checked once, so a dead server fails here), BM25 over a corpus file, or BM25 over the world."""
-    if url:
-        retriever = HTTPRetriever(url)
+def make_retriever(cfg: TrainConfig, world, device=None):
+    """HTTP (checked once, so a dead server fails here), dense (--dense, search.DenseRetriever on this process's
+    device) or BM25, over a corpus file or the synthetic world's passages."""
+    if cfg.retriever:
+        retriever = HTTPRetriever(cfg.retriever)
         try:
             retriever.search(["health check"], 1)
         except Exception as e:  # noqa: BLE001 - one clear line, whatever the transport said
-            raise SystemExit(f"error: retriever {url} is not answering: {str(e).splitlines()[0]}")
+            raise SystemExit(f"error: retriever {cfg.retriever} is not answering: {str(e).splitlines()[0]}")
         return retriever
+    passages = None if cfg.corpus else [parse_corpus_row(r) for r in world.corpus]
     try:
-        return BM25Retriever(corpus) if corpus else BM25Retriever(passages=[parse_corpus_row(r) for r in world.corpus])
+        if cfg.dense:
+            embeddings = cfg.embeddings or (search.default_embeddings_path(cfg.corpus, cfg.dense) if cfg.corpus else
+                                            None)  # (the synthetic world's are encoded in memory: a few seconds)
+            return search.DenseRetriever(cfg.dense, cfg.corpus, passages=passages, embeddings_path=embeddings,
+                                         faiss_index=cfg.faiss_index, devices=[device or "cpu"],
+                                         progress=sys.stderr.isatty())
+        return BM25Retriever(cfg.corpus) if cfg.corpus else BM25Retriever(passages=passages)
     except (OSError, ValueError) as e:
         raise SystemExit(f"error: {e}")
 
 
-def load_data(cfg: TrainConfig):
+def load_data(cfg: TrainConfig, device=None):
     """(world or None, train examples, {eval name: examples}, retriever)."""
     world = None
     if not (cfg.train_data and cfg.eval_data) or cfg.model == "tiny":  # the tiny tokenizer is trained on the world
@@ -404,7 +477,7 @@ def load_data(cfg: TrainConfig):
         evals = {k: v[:cfg.eval_limit] for k, v in evals.items()}
     if not train and not cfg.eval_only:
         raise SystemExit(f"error: {cfg.train_data}: no training questions")
-    retriever = make_retriever(cfg.retriever, cfg.corpus, world)
+    retriever = make_retriever(cfg, world, device)
     return world, train, evals, retriever
 
 
@@ -461,9 +534,9 @@ def evaluate_sets(model, tokenizer, eval_sets: dict, retriever, cfg: RolloutConf
     for name, examples in eval_sets.items():
         mine = examples[rank::world_size]
         episodes = []
-        starts = range(0, len(mine), EVAL_QUESTIONS_PER_BATCH)
-        for start in tqdm(starts, desc=f"eval {name}", disable=not progress, leave=False):
-            episodes += rollout(model, tokenizer, mine[start:start + EVAL_QUESTIONS_PER_BATCH], retriever, cfg)
+        size = cfg.rollout_batch_size or max(len(mine), 1)  # greedy: one episode per question
+        for start in tqdm(range(0, len(mine), size), desc=f"eval {name}", disable=not progress, leave=False):
+            episodes += rollout(model, tokenizer, mine[start:start + size], retriever, cfg)
         if world_size > 1:
             gathered = [None] * world_size
             dist.all_gather_object(gathered, episodes)
@@ -626,6 +699,11 @@ def _main(argv=None) -> dict:
     world_size = int(os.environ.get("WORLD_SIZE", 1))
     rank = int(os.environ.get("RANK", 0))
     check_config(cfg, world_size)
+    if cfg.dry_run:  # the memory plan from the model's config, then stop
+        device = "cuda" if torch.cuda.is_available() else "cpu"
+        shape = memory.model_shape(model_config(cfg))
+        print(memory.format_plan(cfg, shape, memory_budget(cfg, device), world_size, f" ({cfg.model})"))
+        return {}
     if cfg.resume and (Path(cfg.resume) / "results.json").exists():
         print(f"{cfg.resume} is complete (results.json is there): nothing to resume", file=sys.stderr)
         return json.loads((Path(cfg.resume) / "results.json").read_text())
@@ -643,11 +721,15 @@ def _main(argv=None) -> dict:
 
     # PLUMBING: load everything that can fail before the run folder exists -----------------------------------
     random.seed(cfg.seed), np.random.seed(cfg.seed), torch.manual_seed(cfg.seed)
-    world, train_examples, eval_sets, retriever = load_data(cfg)
+    world, train_examples, eval_sets, retriever = load_data(cfg, device)
     policy, tokenizer = load_model(cfg, world, device)
+    budget = memory_budget(cfg, device)
+    plan = memory.format_plan(cfg, memory.model_shape(policy.config), budget, world_size)
+    say(plan if budget else plan.splitlines()[-1].strip().replace("peak", "memory plan: peak", 1) +
+        " (python train.py --dry-run ... for the table)")
     if cfg.eval_only:
-        return run_eval_only(cfg, policy, tokenizer, eval_sets, retriever, rank, world_size, say)
-    ref_model = copy.deepcopy(policy).eval().requires_grad_(False) if cfg.beta > 0 else None
+        return run_eval_only(cfg, policy, tokenizer, eval_sets, retriever, device, rank, world_size, say)
+    ref_model = parallel.frozen_copy(policy, torch.bfloat16 if cfg.bf16 else None) if cfg.beta > 0 else None
     optimizer = torch.optim.AdamW(policy.parameters(), lr=cfg.lr, weight_decay=cfg.weight_decay)
     run_dir = make_run_dir(cfg, main_process, world_size)
     next_unit, keep_lines, results = 0, 0, {}
@@ -686,27 +768,30 @@ def _main(argv=None) -> dict:
             policy.train()  # rollouts switch to eval mode and back; gradient checkpointing needs train()
 
             # ALGO: one unit of the schedule ---------------------------------------------------------------
-            if phase in ("grpo", "opsd"):
-                # 1. rollout: G samples per question of this rank's shard; the reward (exact match) is set here
-                n = cfg.batch_size if phase == "grpo" else cfg.opsd_questions
-                questions = draw_questions(train_examples, n, cfg.seed, stream_offset(cfg, rnd, phase, step))
-                with torch.no_grad():
-                    episodes = rollout(policy, tokenizer, shard(questions, rank, world_size), retriever,
-                                       rollout_config(cfg, seed=seed))
-                if phase == "grpo":
-                    # 2-5. group advantages, old/ref log-probs, the clipped policy update
-                    metrics = parallel.all_mean(episode_metrics(episodes))
-                    metrics |= grpo.grpo_step(policy, ref_model, optimizer, episodes, rank_cfg)
+            with parallel.autocast(cfg.bf16, device):  # bf16 compute under --bf16, fp32 master weights
+                if phase in ("grpo", "opsd"):
+                    # 1. rollout: G samples per question of this rank's shard; the reward (exact match) is set here
+                    n = cfg.batch_size if phase == "grpo" else cfg.opsd_questions
+                    questions = draw_questions(train_examples, n, cfg.seed, stream_offset(cfg, rnd, phase, step))
+                    with torch.no_grad():
+                        episodes = rollout(parallel.for_decoding(policy, cfg.bf16), tokenizer,
+                                           shard(questions, rank, world_size), retriever,
+                                           rollout_config(cfg, seed=seed))
+                    if phase == "grpo":
+                        # 2-5. group advantages, old/ref log-probs, the clipped policy update
+                        metrics = parallel.all_mean(episode_metrics(episodes))
+                        metrics |= grpo.grpo_step(policy, ref_model, optimizer, episodes, rank_cfg)
+                    else:
+                        # 2-6. sibling pairs, the frozen teacher, the distillation steps, KL before/after
+                        metrics = parallel.all_mean(episode_metrics(episodes, prefix="opsd_rollout"))
+                        metrics |= opsd.opsd_phase(policy, episodes, tokenizer, cfg, seed=seed, retriever=retriever,
+                                                   rollout_cfg=rollout_config(cfg, seed=seed))
                 else:
-                    # 2-6. sibling pairs, the frozen teacher, the distillation steps, KL before/after
-                    metrics = parallel.all_mean(episode_metrics(episodes, prefix="opsd_rollout"))
-                    metrics |= opsd.opsd_phase(policy, episodes, tokenizer, cfg, seed=seed)
-            else:
-                # evaluation: greedy episodes on every eval set
-                policy.eval()
-                results = evaluate_sets(policy, tokenizer, eval_sets, retriever,
-                                        rollout_config(cfg, seed=0, greedy=True), rank=rank, world_size=world_size)
-                metrics = {f"eval/{name}/{k}": v for name, row in results.items() for k, v in row.items()}
+                    # evaluation: greedy episodes on every eval set
+                    policy.eval()
+                    results = evaluate_sets(parallel.for_decoding(policy, cfg.bf16), tokenizer, eval_sets, retriever,
+                                            rollout_config(cfg, seed=0, greedy=True), rank=rank, world_size=world_size)
+                    metrics = {f"eval/{name}/{k}": v for name, row in results.items() for k, v in row.items()}
 
             # PLUMBING: log, progress, checkpoint ---------------------------------------------------------
             metrics = {k: float(v) for k, v in metrics.items()}
@@ -740,15 +825,17 @@ def _main(argv=None) -> dict:
     return results
 
 
-def run_eval_only(cfg, policy, tokenizer, eval_sets, retriever, rank, world_size, say) -> dict:
+def run_eval_only(cfg, policy, tokenizer, eval_sets, retriever, device, rank, world_size, say) -> dict:
     """The benchmark runner: greedy episodes, the paper's table, RUN/predictions/*.jsonl (re-scorable with
     `python evaluate.py score`) and RUN/results.json."""
     run_dir = make_run_dir(cfg, rank == 0, world_size)
     say("config: " + json.dumps(asdict(cfg)))
-    say(f"evaluating {cfg.model} on {', '.join(f'{k} ({len(v)})' for k, v in eval_sets.items())}; run folder: {run_dir}")
-    results = evaluate_sets(policy.eval(), tokenizer, eval_sets, retriever, rollout_config(cfg, seed=0, greedy=True),
-                            rank=rank, world_size=world_size, predictions_dir=run_dir / "predictions",
-                            progress=rank == 0 and sys.stderr.isatty())
+    sets = ", ".join(f"{k} ({len(v)})" for k, v in eval_sets.items())
+    say(f"evaluating {cfg.model} on {sets}; run folder: {run_dir}")
+    with parallel.autocast(cfg.bf16, device):
+        results = evaluate_sets(parallel.for_decoding(policy, cfg.bf16), tokenizer, eval_sets, retriever,
+                                rollout_config(cfg, seed=0, greedy=True), rank=rank, world_size=world_size,
+                                predictions_dir=run_dir / "predictions", progress=rank == 0 and sys.stderr.isatty())
     if rank == 0:
         say(evaluate.format_table(results, title=f"{cfg.model}: exact match (greedy)"))
         (run_dir / "results.json").write_text(json.dumps(results, indent=2))

@@ -4,7 +4,7 @@ import ast
 from conftest import ROOT
 
 # Each module below the ones that use it; a module may import only modules earlier in this list.
-ORDER = ["data", "search", "evaluate", "rollout", "fused", "parallel", "grpo", "opsd", "tiny", "train"]
+ORDER = ["data", "search", "evaluate", "rollout", "fused", "parallel", "memory", "grpo", "opsd", "tiny", "train"]
 
 
 def project_imports() -> dict[str, set[str]]:

@@ -157,7 +157,8 @@ def test_opsd_phase_mines_bounds_and_lowers_the_kl_on_its_pairs():
     policy = tiny_model(len(tk))
     before = copy.deepcopy(policy.state_dict())
     cfg = make_cfg(opsd_students="all", opsd_max_tokens=None, max_context_tokens=1000, opsd_lr=3e-2, lr=1e-6,
-                   weight_decay=0.0, opsd_epochs=3, opsd_batch_size=6, max_grad_norm=1.0)
+                   weight_decay=0.0, opsd_epochs=3, opsd_batch_size=6, max_grad_norm=1.0, opsd_lora_rank=0,
+                   opsd_lora_alpha=None, bf16=False, opsd_diagnostic_pairs=0, opsd_reference="sibling")
     metrics = opsd.opsd_phase(policy, episodes, tk, cfg, seed=0)
     assert (metrics["opsd/pairs"], metrics["opsd/groups"], metrics["opsd/skipped_groups"]) == (18, 7, 1)
     assert metrics["opsd/optimizer_steps"] == 3 * 3 and metrics["opsd/skipped_long_pairs"] == 0
@@ -223,7 +224,7 @@ def test_opsd_step_gradient_is_that_of_the_materialised_loss(clip, tied):
     assert metrics["opsd/loss"] == pytest.approx(loss.item(), rel=1e-5)
     assert metrics["opsd/kl"] == pytest.approx(unclipped / tokens, rel=1e-5)
     assert metrics["opsd/loss_tokens"] == tokens == sum(len(p.student.loss_mask) - 1 for p in pairs)
-    assert opsd_kl(model, teacher, pairs, tk, cfg) == pytest.approx(unclipped / tokens, rel=1e-5)
+    assert opsd_kl(model, teacher, pairs, tk, cfg)["all"] == pytest.approx(unclipped / tokens, rel=1e-5)
     if clip is not None:
         assert metrics["opsd/loss"] < metrics["opsd/kl"]
 
@@ -253,7 +254,7 @@ def _distributed_worker(rank, world_size, init_file, out_file):
     model, teacher = tiny_model(len(tk)), tiny_model(len(tk), seed=1).requires_grad_(False)
     mine = pairs if rank == 0 else []  # uneven: rank 1 has nothing this step, and still joins every collective
     metrics = opsd_step(model, teacher, torch.optim.SGD(model.parameters(), lr=1.0), mine, tk, make_cfg())
-    kl = opsd_kl(model, teacher, mine, tk, make_cfg())
+    kl = opsd_kl(model, teacher, mine, tk, make_cfg())["all"]
     if rank == 1:
         torch.save({"params": [p.detach() for p in model.parameters()], "metrics": metrics, "kl": kl}, out_file)
     dist.destroy_process_group()
@@ -271,7 +272,7 @@ def test_two_processes_equal_one(tmp_path):
         torch.testing.assert_close(a, b.detach(), rtol=1e-5, atol=1e-6)
     for k, v in metrics.items():
         assert got["metrics"][k] == pytest.approx(v, rel=1e-5), k
-    assert got["kl"] == pytest.approx(opsd_kl(model, teacher, make_pairs(tk, n=3), tk, make_cfg()), rel=1e-5)
+    assert got["kl"] == pytest.approx(opsd_kl(model, teacher, make_pairs(tk, n=3), tk, make_cfg())["all"], rel=1e-5)
 
 
 # ---------------------------------------------------------------- learning
@@ -304,7 +305,7 @@ def test_opsd_learns_from_the_privileged_context():
     base = tiny_model(len(tk))
     teacher = copy.deepcopy(base).eval().requires_grad_(False)
     cfg = make_cfg(max_grad_norm=1.0, chunk_size=64)
-    before = opsd_kl(base, teacher, held_out, tk, cfg)
+    before = opsd_kl(base, teacher, held_out, tk, cfg)["all"]
     after = {}
     for name, train_pairs in [("opsd", train), ("control", mismatched)]:
         student = copy.deepcopy(base)
@@ -312,7 +313,131 @@ def test_opsd_learns_from_the_privileged_context():
         for _ in range(30):
             metrics = opsd_step(student, teacher, opt, train_pairs, tk, cfg)
             assert metrics["opsd/skipped_steps"] == 0
-        after[name] = opsd_kl(student, teacher, held_out, tk, cfg)
+        after[name] = opsd_kl(student, teacher, held_out, tk, cfg)["all"]
     assert before > 0.5  # a real gap to close
     assert after["opsd"] < 0.6 * before
     assert after["control"] > after["opsd"] + 0.1 * before
+
+
+# ---------------------------------------------------------------- LoRA: the paper's teacher, no copy of the weights
+
+
+def lora_setting(tk, **kw):
+    g = random.Random(1)
+    episodes = []
+    for q in range(6):
+        episodes.append(episode(tk, q, " ".join([f"r{q}"] * 3 + ["w1"]), 1.0))
+        episodes += [episode(tk, q, " ".join(f"w{g.randrange(24)}" for _ in range(5)), 0.0) for _ in range(3)]
+    cfg = make_cfg(**{**dict(opsd_students="all", opsd_max_tokens=None, max_context_tokens=1000, opsd_lr=3e-2,
+                             lr=1e-6, weight_decay=0.0, opsd_epochs=3, opsd_batch_size=6, max_grad_norm=1.0,
+                             opsd_lora_rank=4, opsd_lora_alpha=None, bf16=False, opsd_diagnostic_pairs=0,
+                             opsd_reference="sibling"), **kw})
+    return episodes, cfg
+
+
+def live_tensor_bytes() -> int:
+    """Bytes of every distinct tensor storage alive in the process (parameters, gradients, optimizer states...)."""
+    import gc
+    import warnings
+
+    storages = {}
+    with warnings.catch_warnings():  # (isinstance on some module objects warns about deprecated names)
+        warnings.simplefilter("ignore")
+        for obj in gc.get_objects():
+            if isinstance(obj, torch.Tensor) and obj.device.type == "cpu" and not obj.is_meta:
+                st = obj.untyped_storage()
+                storages[st.data_ptr()] = st.nbytes()
+    return sum(storages.values())
+
+
+@pytest.mark.parametrize("tied", [False, True])
+def test_lora_phase_teacher_is_the_pre_phase_policy_merge_is_base_plus_scaled_adapter_and_no_copy(monkeypatch, tied):
+    pytest.importorskip("peft", reason="LoRA OPSD needs PEFT (requirements-lora.txt)")
+    tk = tiny_tokenizer()
+    episodes, cfg = lora_setting(tk, opsd_lora_rank=1)  # (rank 1: the adapter stays small next to this tiny model)
+    policy = tiny_model(len(tk), tied=tied)
+    pristine = copy.deepcopy(policy).eval()
+    params_before = {name: p for name, p in policy.named_parameters()}
+    base_numel = sum(p.numel() for p in policy.parameters())
+    model_bytes = sum(p.numel() * p.element_size() for p in policy.parameters())
+    baseline = live_tensor_bytes()
+    seen = {"steps": 0, "growth": 0}
+    real_step, real_merge = opsd.opsd_step, opsd.merge_adapter
+
+    def checking_step(student, teacher, optimizer, pairs, tokenizer, cfg):
+        metrics = real_step(student, teacher, optimizer, pairs, tokenizer, cfg)
+        assert teacher is student  # the teacher is the student with its adapter off: one model
+        adapter = sum(p.numel() for p in student.parameters() if p.requires_grad)
+        assert adapter == 1 * sum(m.in_features + m.out_features for n, m in pristine.named_modules()
+                                  if isinstance(m, torch.nn.Linear) and n.rsplit(".", 1)[-1] in opsd_targets())
+        assert sum(p.numel() for p in student.parameters()) == base_numel + adapter  # nothing else was added
+        seen["growth"] = max(seen["growth"], live_tensor_bytes() - baseline)
+        # the teacher's hidden states are the pre-phase policy's, bit for bit, after every step
+        s_batch, t_batch = next(opsd._pair_batches(pairs, tokenizer, 64, "cpu"))
+        with torch.no_grad(), opsd.as_teacher(teacher) as t:
+            h, w = opsd.response_hidden(t, t_batch)
+        with torch.no_grad():
+            h0, w0 = opsd.response_hidden(pristine, t_batch)
+        assert torch.equal(h, h0) and torch.equal(w, w0)
+        seen["steps"] += 1
+        return metrics
+
+    def checking_merge(peft_model, trainable):
+        layer = peft_model.base_model.model.model.layers[0].self_attn.q_proj
+        expected = layer.base_layer.weight.detach() + 2.0 * (layer.lora_B["default"].weight @  # alpha / rank
+                                                                  layer.lora_A["default"].weight).detach()
+        assert layer.lora_B["default"].weight.abs().sum() > 0  # the adapter learned something
+        merged = real_merge(peft_model, trainable)
+        torch.testing.assert_close(merged.model.layers[0].self_attn.q_proj.weight.detach(), expected,
+                                   rtol=1e-6, atol=1e-7)
+        return merged
+
+    monkeypatch.setattr(opsd, "opsd_step", checking_step)
+    monkeypatch.setattr(opsd, "merge_adapter", checking_merge)
+    metrics = opsd.opsd_phase(policy, episodes, tk, cfg, seed=0)
+    assert seen["steps"] == metrics["opsd/optimizer_steps"] == 9
+    assert seen["growth"] < 0.5 * model_bytes  # adapter, its gradients and AdamW: no second set of weights
+    assert metrics["opsd/kl_after"] < 0.8 * metrics["opsd/kl_before"]  # the KL falls over the phase
+    # the policy is the same object with the same parameter tensors (the GRPO optimizer holds them), trainable again
+    assert dict(policy.named_parameters()).keys() == params_before.keys()
+    assert all(p is params_before[n] and p.requires_grad for n, p in policy.named_parameters())
+    assert not any("lora" in n for n, _ in policy.named_modules())
+    assert any(not torch.equal(p, q) for p, q in zip(policy.parameters(), pristine.parameters()))
+
+
+def opsd_targets():
+    return ("q_proj", "k_proj", "v_proj", "o_proj", "gate_proj", "up_proj", "down_proj")
+
+
+def test_full_fine_tuning_phase_copies_the_weights_for_its_teacher(monkeypatch):
+    """The control for the LoRA test above: without an adapter the teacher is a second copy of the weights."""
+    tk = tiny_tokenizer()
+    episodes, cfg = lora_setting(tk, opsd_lora_rank=0)
+    policy = tiny_model(len(tk))
+    model_bytes = sum(p.numel() * p.element_size() for p in policy.parameters())
+    baseline, seen = live_tensor_bytes(), {}
+    real_step = opsd.opsd_step
+
+    def measuring_step(student, teacher, *args):
+        metrics = real_step(student, teacher, *args)
+        seen["growth"] = max(seen.get("growth", 0), live_tensor_bytes() - baseline)
+        assert teacher is not student and not any(p.requires_grad for p in teacher.parameters())
+        return metrics
+
+    monkeypatch.setattr(opsd, "opsd_step", measuring_step)
+    metrics = opsd.opsd_phase(policy, episodes, tk, cfg, seed=0)
+    assert seen["growth"] > 3 * model_bytes  # teacher copy + AdamW's two moments + gradients
+    assert metrics["opsd/kl_after"] < 0.8 * metrics["opsd/kl_before"]
+
+
+def test_mismatched_references_come_from_other_questions():
+    tk = tiny_tokenizer()
+    episodes = []
+    for q in range(3):
+        episodes += [episode(tk, q, f"r{q} w1", 1.0), episode(tk, q, "w2 w3", 0.0), episode(tk, q, "w4", 0.0)]
+    pairs, _ = mine_pairs(episodes, students="all")
+    mismatched = opsd.mismatch_references(pairs)
+    assert [p.student for p in mismatched] == [p.student for p in pairs]
+    assert all(p.reference.group_id != p.student.group_id and p.reference.reward == 1.0 for p in mismatched)
+    assert {p.reference.group_id for p in mismatched} == {0, 1, 2}
+    assert opsd.mismatch_references([p for p in pairs if p.student.group_id == 0]) == []  # no other question

