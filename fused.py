@@ -241,6 +241,8 @@ def hidden_states(model, input_ids: torch.Tensor, attention_mask: torch.Tensor):
     if getattr(head, "bias", None) is not None:
         raise ValueError(f"fused log-probs assume a bias-free lm_head; {type(model).__name__}'s has a bias")
     position_ids = (attention_mask.long().cumsum(-1) - 1).clamp(min=0)  # (B, L)
+    if hasattr(model, "hidden_and_head"):  # a sharded model (parallel.shard): one FSDP forward of the root
+        return model.hidden_and_head(input_ids, attention_mask, position_ids)
     out = model.get_decoder()(input_ids=input_ids, attention_mask=attention_mask, position_ids=position_ids,
                               use_cache=False)
     return out.last_hidden_state, head.weight

@@ -1,6 +1,7 @@
 """The memory plan: what one GPU holds in each phase of a run, from the model's config alone (nothing is loaded).
 
     python train.py --dry-run --model Qwen/Qwen2.5-3B-Instruct --bf16 --gradient-checkpointing   # print it, stop
+    WORLD_SIZE=8 python train.py --dry-run --model Qwen/Qwen2.5-7B-Instruct --bf16 ...            # per GPU of 8
 
 train.py prints the plan before every run. Figures are bytes per process (per GPU), for the worst case of the
 configuration (every episode as long as its budgets allow), so a plan that fits leaves the run room; typical
@@ -25,6 +26,10 @@ episodes are shorter. P = parameters, A = LoRA adapter parameters, W = processes
     fused chunk             chunk_size x V x 4 x 3 (logits and two temporaries; the KL holds the teacher's too)
                             + V x H x 4 (the lm_head weight-gradient accumulator, fp32)
 
+Sharded over W processes (torchrun: FSDP2, parallel.shard), the weights, gradients, AdamW moments (GRPO's and a
+full-fine-tuning OPSD phase's) and the reference take 1/W of the above each (none of the GPU's with --cpu-offload);
+each process adds the unsharded decoding copy rollouts read (2|4 P; it is also the full-fine-tuning teacher) and,
+in a forward, the gathered weights of two layers and of the root (embeddings, head).
 Peaks are per phase (rollout, GRPO update, OPSD, evaluation): each sums what is resident then.
 """
 from __future__ import annotations
@@ -48,6 +53,8 @@ class ModelShape:
     kv_heads: int
     head_dim: int
     lora_params_per_rank: int  # adapter parameters per unit of rank: sum of (in + out) over the adapted linears
+    layer_params: int  # one decoder layer's (an FSDP2 group)
+    root_params: int  # the rest: embeddings, final norm, an untied lm_head (the root FSDP2 group)
 
     @property
     def kv_dim(self) -> int:
@@ -66,11 +73,13 @@ def model_shape(config) -> ModelShape:
     lora = sum(m.in_features + m.out_features for name, m in model.named_modules()
                if isinstance(m, torch.nn.Linear) and name.rsplit(".", 1)[-1] in LORA_TARGETS)
     head_dim = getattr(config, "head_dim", None) or config.hidden_size // config.num_attention_heads
+    layer = sum(p.numel() for p in model.get_decoder().layers[0].parameters())
     return ModelShape(params=params, layers=config.num_hidden_layers, hidden=config.hidden_size,
                       intermediate=config.intermediate_size, vocab=config.vocab_size,
                       heads=config.num_attention_heads,
                       kv_heads=getattr(config, "num_key_value_heads", None) or config.num_attention_heads,
-                      head_dim=head_dim, lora_params_per_rank=lora)
+                      head_dim=head_dim, lora_params_per_rank=lora, layer_params=layer,
+                      root_params=params - layer * config.num_hidden_layers)
 
 
 def kv_bytes_per_token(shape: ModelShape, bf16: bool) -> int:
@@ -96,17 +105,30 @@ def activation_bytes(shape: ModelShape, cfg) -> int:
     return tokens * (per_token + 10 * shape.hidden)
 
 
-def plan(cfg, shape: ModelShape, world_size: int = 1) -> dict:
-    """{"items": {name: bytes}, "phases": {phase: (bytes, [items])}, "peak": (phase, bytes)} for one process."""
-    P, shard = shape.params, 1  # (sharding across processes divides the sharded items by W: issue 12)
+def plan(cfg, shape: ModelShape, world_size: int = 1, sharded: bool | None = None) -> dict:
+    """{"items": {name: bytes}, "phases": {phase: (bytes, [items])}, "peak": (phase, bytes)} for one process.
+
+    Sharded (FSDP2, parallel.shard: torchrun or --cpu-offload when `sharded` is None): weights, gradients, AdamW
+    moments and the reference are 1/W per process (and in CPU memory with --cpu-offload); each process also holds
+    the unsharded decoding copy that rollouts read (refreshed once per rollout; without LoRA it is the OPSD teacher
+    too) and, in a forward, two gathered layers (the one computing and the one prefetched) and the root
+    (embeddings, head; fp32).
+    """
+    P, W = shape.params, world_size
+    sharded = W > 1 or cfg.cpu_offload if sharded is None else sharded
+    on_gpu = 0 if cfg.cpu_offload else 1  # (offloaded shards live in CPU memory)
     weight = 2 if cfg.bf16 else 4
     lora = cfg.opsd and cfg.opsd_lora_rank > 0
+    part = (lambda n: on_gpu * n // W) if sharded else (lambda n: n)  # noqa: E731
     items = {
-        "policy weights (fp32)": 4 * P // shard,
-        "gradients (fp32)": 4 * P // shard,
-        "AdamW state (GRPO, fp32)": 8 * P // shard,
-        "bf16 weight copies (autocast / decoding)": 2 * P if cfg.bf16 else 0,
-        "reference model": weight * P // shard if cfg.beta > 0 else 0,
+        "policy weights (fp32)": part(4 * P),
+        "gradients (fp32)": part(4 * P),
+        "AdamW state (GRPO, fp32)": part(8 * P),
+        "reference model": part(weight * P) if cfg.beta > 0 else 0,
+        "bf16 weight copies (autocast / decoding)": 0 if sharded else 2 * P if cfg.bf16 else 0,
+        "decoding copy (unsharded)": weight * P if sharded else 0,
+        "FSDP gathered weights (2 layers + root)": 2 * shape.layer_params * weight + shape.root_params * 4
+        if sharded else 0,
         f"KV cache ({cfg.rollout_batch_size or 'all'} episodes)": kv_cache_bytes(shape, cfg),
         f"activations (micro-batch {cfg.micro_batch_size})": activation_bytes(shape, cfg),
         "activations, no-grad forward (one layer)": cfg.micro_batch_size * cfg.max_context_tokens *
@@ -117,20 +139,22 @@ def plan(cfg, shape: ModelShape, world_size: int = 1) -> dict:
         items[f"OPSD LoRA adapter (rank {cfg.opsd_lora_rank}) + grads + AdamW"] = \
             16 * cfg.opsd_lora_rank * shape.lora_params_per_rank
     elif cfg.opsd:
-        items["OPSD teacher copy"] = weight * P // shard
-        items["OPSD AdamW (fp32)"] = 8 * P // shard
+        items["OPSD teacher copy"] = 0 if sharded else weight * P  # (sharded: the decoding copy teaches)
+        items["OPSD AdamW (fp32)"] = part(8 * P)
     kv, act, nograd, chunk = (next(k for k in items if k.startswith(s)) for s in
                               ("KV cache", "activations (", "activations, no-grad", "fused chunk"))
     resident = ["policy weights (fp32)", "AdamW state (GRPO, fp32)", "reference model",
-                "bf16 weight copies (autocast / decoding)"]
+                "bf16 weight copies (autocast / decoding)", "decoding copy (unsharded)"]
+    gathered = ["FSDP gathered weights (2 layers + root)"]
     phases = {
         "rollout": resident + [kv],
-        "GRPO update": resident + ["gradients (fp32)", act, chunk],
+        "GRPO update": resident + gathered + ["gradients (fp32)", act, chunk],
         "evaluation": resident + [kv],
     }
     if cfg.opsd:
         opsd_items = [k for k in items if k.startswith("OPSD")]
-        phases["OPSD phase"] = resident + opsd_items + [act, nograd, chunk] + ([] if lora else ["gradients (fp32)"])
+        phases["OPSD phase"] = resident + gathered + opsd_items + [act, nograd, chunk] + \
+            ([] if lora else ["gradients (fp32)"])
     phases = {name: (sum(items[k] for k in keys), [k for k in keys if items[k]]) for name, keys in phases.items()}
     peak = max(phases.items(), key=lambda kv: kv[1][0])
     return {"items": items, "phases": phases, "peak": (peak[0], peak[1][0])}
@@ -147,32 +171,45 @@ REMEDIES = [
     ("--rollout-batch-size {rollout_batch_size}", lambda c: dataclasses.replace(c, rollout_batch_size=max(
         1, (c.rollout_batch_size or c.batch_size * c.num_generations) // 2))),
     ("--chunk-size {chunk_size}", lambda c: dataclasses.replace(c, chunk_size=max(128, c.chunk_size // 2))),
+    ("--cpu-offload", lambda c: dataclasses.replace(c, cpu_offload=True)),
 ]
 
 
 def advice(cfg, shape: ModelShape, budget: int, world_size: int = 1) -> list[str] | None:
-    """Flag changes that make the plan fit `budget` bytes (first the cheapest in throughput), or None if none do."""
-    changed = []
+    """Flag changes that make the plan fit `budget` bytes, or None if none of REMEDIES do: the remedies are taken
+    in order while each lowers the peak, then any that the others make unnecessary is dropped again."""
+    def peak(steps):
+        c = cfg
+        for _, change in steps:
+            c = change(c)
+        return plan(c, shape, world_size)["peak"][1], c
+
+    steps = []
     for _ in range(40):
-        if plan(cfg, shape, world_size)["peak"][1] <= budget:
-            return changed
-        for flag, change in REMEDIES:
-            new = change(cfg)
-            if plan(new, shape, world_size)["peak"][1] < plan(cfg, shape, world_size)["peak"][1]:
-                cfg = new
-                flag = flag.format(**dataclasses.asdict(cfg))
-                changed = [f for f in changed if f.split()[0] != flag.split()[0]] + [flag]
+        if peak(steps)[0] <= budget:
+            break
+        for remedy in REMEDIES:
+            if peak(steps + [remedy])[0] < peak(steps)[0]:
+                steps.append(remedy)
                 break
         else:
             return None
-    return None
+    else:
+        return None
+    for step in list(steps):  # drop what is not needed (the last remedies may make earlier ones redundant)
+        rest = [s for s in steps if s is not step]
+        if peak(rest)[0] <= budget:
+            steps = rest
+    final = peak(steps)[1]
+    flags = dict.fromkeys(flag.format(**dataclasses.asdict(final)) for flag, _ in steps)
+    return list(flags)
 
 
 def format_plan(cfg, shape: ModelShape, budget: int | None, world_size: int = 1, where: str = "") -> str:
     """The plan as a table, the peak against the budget, and the flags that would make it fit."""
     p = plan(cfg, shape, world_size)
     size = f"{shape.params / 1e9:.2f}B" if shape.params >= 1e9 else f"{shape.params / 1e6:.1f}M"
-    lines = [f"memory plan per GPU{where}: {size} parameters, "
+    lines = [f"memory plan per GPU{where}: {size} parameters, {world_size} process{'es' if world_size > 1 else ''}, "
              f"{'bf16 compute / fp32 master' if cfg.bf16 else 'fp32'}"
              f"{', gradient checkpointing' if cfg.gradient_checkpointing else ''}"]
     for name, nbytes in p["items"].items():
@@ -189,5 +226,5 @@ def format_plan(cfg, shape: ModelShape, budget: int | None, world_size: int = 1,
     if peak > budget:
         fix = advice(cfg, shape, budget, world_size)
         lines.append("  to fit, try: " + " ".join(fix) if fix else
-                     "  no single-GPU setting fits: more GPUs (torchrun; issue 12: sharding) or a smaller model")
+                     "  no setting tried fits: more GPUs (torchrun shards the state) or a smaller model")
     return "\n".join(lines)

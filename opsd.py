@@ -50,6 +50,7 @@ from __future__ import annotations
 
 import contextlib
 import dataclasses
+import itertools
 import math
 import random
 from dataclasses import dataclass
@@ -58,7 +59,8 @@ import torch
 
 import fused
 from fused import pad_batch, response_hidden
-from parallel import all_mean, all_reduce_sum, all_sum, frozen_copy, max_over_ranks, optimizer_step, world_size
+from parallel import (all_mean, all_reduce_sum, all_sum, distributed, frozen_copy, is_dtensor, max_over_ranks,
+                      optimizer_step, world_size)
 from rollout import OBSERVATION_CLOSE, OBSERVATION_OPEN, Episode, build_prompt, rollout
 
 # The privileged context appended to the teacher's user turn; {reference} = the reference episode's response.
@@ -193,9 +195,16 @@ def opsd_loss(student_hidden, teacher_hidden, weight, teacher_weight, *, clip: f
 
 
 def _pair_batches(pairs: list[Pair], tokenizer, micro: int, device):
-    """(student batch, teacher batch) per micro-batch: same response tokens, different prompts."""
-    for s in range(0, len(pairs), micro):
+    """(student batch, teacher batch) per micro-batch: same response tokens, different prompts. Every process yields
+    the same number of micro-batches (the most any process has), padded with empty ones (one prompt token, no loss
+    token): under FSDP2 every forward and backward is a collective that all processes must join."""
+    count = max_over_ranks(-(-len(pairs) // micro))
+    for s in range(0, count * micro, micro):
         chunk = pairs[s:s + micro]
+        if not chunk:  # padding: a forward whose loss is 0 (the gradient flows, and is 0)
+            student = pad_batch([[0]], [[0]], [[0]], device)
+            yield student, student
+            continue
         responses = [p.student.response_ids for p in chunk]
         masks = [p.student.loss_mask for p in chunk]
         student = pad_batch([p.student.prompt_ids for p in chunk], responses, masks, device)
@@ -224,19 +233,36 @@ def as_teacher(model):
 
 def add_adapter(policy, rank: int, alpha: float):
     """A PEFT model around `policy` with a fresh LoRA adapter (B = 0: the policy's function is unchanged); the base
-    weights are frozen in place, nothing is copied."""
+    weights are frozen in place, nothing is copied. Under torchrun the adapter is replicated: every process starts
+    from rank 0's initialisation (A is random), and its gradients are all-reduced (parallel.all_reduce_grads)."""
     try:
         from peft import LoraConfig, get_peft_model
     except ImportError:
         raise RuntimeError("--opsd-lora-rank needs PEFT: pip install -r requirements-lora.txt") from None
     config = LoraConfig(r=rank, lora_alpha=alpha, lora_dropout=0.0, target_modules=LORA_TARGETS, bias="none")
-    return get_peft_model(policy, config)
+    peft_model = get_peft_model(policy, config)
+    if distributed():
+        for p in peft_model.parameters():
+            if p.requires_grad:
+                torch.distributed.broadcast(p.data, src=0)
+    return peft_model
 
 
 def merge_adapter(peft_model, trainable: dict[str, bool]):
     """W += (alpha / rank) * B @ A in every adapted layer, the adapter removed; the policy's parameters (the same
-    tensors the GRPO optimizer holds) get back the requires_grad flags they had -> the policy."""
-    policy = peft_model.merge_and_unload()
+    tensors the GRPO optimizer holds) get back the requires_grad flags they had -> the policy. A sharded weight
+    (FSDP2) adds the matching shard of the update."""
+    with torch.no_grad():
+        for module in peft_model.modules():
+            if hasattr(module, "lora_A") and "default" in module.lora_A:
+                weight = module.get_base_layer().weight
+                delta = module.get_delta_weight("default").to(weight.dtype)  # (out, in) = scale * B @ A
+                if is_dtensor(weight):
+                    from torch.distributed.tensor import distribute_tensor
+
+                    delta = distribute_tensor(delta.to(weight.device), weight.device_mesh, weight.placements)
+                weight.add_(delta)
+    policy = peft_model.unload()  # the base model, its LoRA layers taken out (already merged above)
     for name, p in policy.named_parameters():
         p.requires_grad_(trainable[name])
     return policy
@@ -289,7 +315,7 @@ def opsd_kl(student_model, teacher_model, pairs: list[Pair], tokenizer, cfg, thr
     process has such a pair)."""
     device = next(student_model.parameters()).device
     sums = torch.zeros(6, dtype=torch.float64)  # kl, tokens: all, correct students, incorrect students
-    for s, (student, teacher) in zip(range(0, len(pairs), cfg.micro_batch_size),
+    for s, (student, teacher) in zip(itertools.count(0, cfg.micro_batch_size),
                                      _pair_batches(pairs, tokenizer, cfg.micro_batch_size, device)):
         with as_teacher(teacher_model) as t:
             teacher_h, teacher_w = response_hidden(t, teacher)
@@ -345,13 +371,15 @@ def teacher_diagnostic(policy, pairs: list[Pair], tokenizer, retriever, rollout_
 
 
 def opsd_phase(policy, episodes: list[Episode], tokenizer, cfg, *, seed: int, retriever=None,
-               rollout_cfg=None) -> dict:
+               rollout_cfg=None, frozen=None) -> dict:
     """One OPSD phase on fresh on-policy episodes (this process's share) -> namespaced metrics (module docstring).
 
     cfg attributes: opsd_students, opsd_reference, opsd_max_tokens, max_context_tokens, opsd_lora_rank,
     opsd_lora_alpha, bf16, opsd_lr, lr, weight_decay, opsd_epochs, opsd_batch_size (pairs per optimizer step, all
     processes), opsd_diagnostic_pairs, and those of opsd_step. `seed` orders the pairs; with a retriever and a
     rollout config the teacher diagnostic runs. The policy is trained in place (with LoRA: its merged adapter).
+    `frozen`: an unsharded copy of the policy as it is now, if the caller holds one (train.py's decoding copy
+    under torchrun): the diagnostic decodes with it and, without LoRA, it is the teacher; None = made here.
     """
     # 1-2. pairs, each with its teacher prompt within the length bound
     pairs, mined = mine_pairs(episodes, students=cfg.opsd_students)
@@ -365,7 +393,8 @@ def opsd_phase(policy, episodes: list[Episode], tokenizer, cfg, *, seed: int, re
     metrics = {f"opsd/{k}": v for k, v in all_mean(mined).items()}  # means over processes
     metrics |= {f"opsd/{k}": v for k, v in all_sum(counts).items()}  # sums over processes
     if cfg.opsd_diagnostic_pairs and retriever is not None:  # before any step: the policy is the teacher now
-        metrics |= teacher_diagnostic(policy, pairs, tokenizer, retriever, rollout_cfg, cfg.opsd_diagnostic_pairs)
+        metrics |= teacher_diagnostic(policy if frozen is None else frozen, pairs, tokenizer, retriever, rollout_cfg,
+                                      cfg.opsd_diagnostic_pairs)
 
     # 3. the teacher, frozen at the start of the phase: the policy with a fresh adapter turned off (LoRA, the
     #    paper's way: no copy), or a copy of the policy (full fine-tuning; in bf16 under --bf16)
@@ -373,7 +402,8 @@ def opsd_phase(policy, episodes: list[Episode], tokenizer, cfg, *, seed: int, re
         trainable = {name: p.requires_grad for name, p in policy.named_parameters()}
         student = teacher = add_adapter(policy, cfg.opsd_lora_rank, cfg.opsd_lora_alpha or 2 * cfg.opsd_lora_rank)
     else:
-        student, teacher = policy, frozen_copy(policy, torch.bfloat16 if cfg.bf16 else None)
+        teacher = frozen if frozen is not None else frozen_copy(policy, torch.bfloat16 if cfg.bf16 else None)
+        student = policy
     params = [p for p in student.parameters() if p.requires_grad]  # the adapter, or the whole policy
     optimizer = torch.optim.AdamW(params, lr=cfg.opsd_lr or cfg.lr, weight_decay=cfg.weight_decay)
     metrics |= kl_metrics(opsd_kl(student, teacher, pairs, tokenizer, cfg), "before")

@@ -24,6 +24,7 @@ from __future__ import annotations
 
 import copy
 import math
+import types
 
 import torch
 import torch.distributed as dist
@@ -104,33 +105,111 @@ def max_over_ranks(value: int) -> int:
 
 
 def all_reduce_grads(model) -> None:
-    """SUM gradients over processes, once per optimizer step, after local accumulation.
-
-    We do not wrap the model in DDP: losses are computed from the decoder's hidden states (fused.hidden_states),
-    which bypasses a DDP wrapper's forward. Normalisers are global, so the sum is the gradient of the global loss.
-    A parameter without gradient on this process contributes zeros, so every process joins every all-reduce.
-    """
+    """SUM the gradients FSDP2 does not reduce (plain, replicated parameters: a LoRA adapter on a sharded model),
+    once per optimizer step, after local accumulation. Sharded parameters (DTensors) were reduce-scattered by FSDP2
+    in backward, summed too (shard). Normalisers are global, so the sum is the gradient of the global loss. A
+    parameter without gradient on this process contributes zeros, so every process joins every all-reduce."""
     if not distributed():
         return
     for p in model.parameters():
-        if p.requires_grad:
+        if p.requires_grad and not is_dtensor(p):
             if p.grad is None:
                 p.grad = torch.zeros_like(p)
-            dist.all_reduce(p.grad)  # one call per tensor: simple; bucketing would be faster on many GPUs
+            dist.all_reduce(p.grad)  # one call per tensor: an adapter is small
 
 
 def optimizer_step(model, optimizer, loss: torch.Tensor, max_grad_norm: float | None) -> tuple[float, float, bool]:
     """All-reduce, clip and apply the accumulated gradients -> (global loss, grad norm, applied).
 
     A non-finite loss or gradient norm skips the step: the gradients are zeroed, never applied. Every process
-    takes the same decision (both numbers are global).
+    takes the same decision (both numbers are global; a sharded model's norm is reduced over its shards).
     """
     all_reduce_grads(model)
     loss = float(all_reduce_sum(loss.detach().reshape(1).double()))
     params = [p for p in model.parameters() if p.grad is not None]
-    grad_norm = float(torch.nn.utils.clip_grad_norm_(params, max_grad_norm or math.inf)) if params else 0.0
+    norm = torch.nn.utils.clip_grad_norm_(params, max_grad_norm or math.inf) if params else torch.zeros(())
+    grad_norm = float(norm.full_tensor() if is_dtensor(norm) else norm)
     applied = math.isfinite(loss) and math.isfinite(grad_norm)
     if applied:
         optimizer.step()
     optimizer.zero_grad(set_to_none=True)
     return loss, grad_norm, applied
+
+
+# ---------------------------------------------------------------- sharding (FSDP2) and sharded checkpoints
+
+
+def is_dtensor(x) -> bool:
+    return type(x).__name__ == "DTensor"
+
+
+def is_sharded(model) -> bool:
+    return any(is_dtensor(p) for p in model.parameters())
+
+
+def _hidden_and_head(self, input_ids, attention_mask, position_ids):
+    """Final hidden states and the lm_head weight, as one FSDP forward of the root (fused.hidden_states calls it):
+    the root's hooks then gather the embeddings and the head like any forward would."""
+    out = self.get_decoder()(input_ids=input_ids, attention_mask=attention_mask, position_ids=position_ids,
+                             use_cache=False)
+    return out.last_hidden_state, self.get_output_embeddings().weight
+
+
+def shard(model, *, bf16: bool, cpu_offload: bool = False):
+    """FSDP2 (torch.distributed.fsdp.fully_shard) over every process: each decoder layer is one group, then the
+    root (embeddings, final norm and lm_head, which Qwen2.5 ties to the embeddings: FSDP2 forbids one parameter in
+    two groups, so they stay together, as torchtitan keeps them). Each process holds 1/W of every weight, gradient
+    and AdamW moment. Under --bf16 the layers gather their weights in bf16 and compute in bf16, gradients are
+    reduced in fp32 into the fp32 shards; the root stays fp32, so the lm_head (and log-probs) stay fp32 as in one
+    process. Gradients are SUMMED over processes, not averaged (FSDP2's default): our normalisers are global."""
+    from torch.distributed.fsdp import (CPUOffloadPolicy, FSDPModule, MixedPrecisionPolicy, OffloadPolicy,
+                                        fully_shard, register_fsdp_forward_method)
+
+    offload = CPUOffloadPolicy(pin_memory=torch.cuda.is_available()) if cpu_offload else OffloadPolicy()
+    layers = MixedPrecisionPolicy(param_dtype=torch.bfloat16 if bf16 else None, reduce_dtype=torch.float32)
+    for layer in model.get_decoder().layers:
+        fully_shard(layer, mp_policy=layers, offload_policy=offload)
+    fully_shard(model, mp_policy=MixedPrecisionPolicy(reduce_dtype=torch.float32), offload_policy=offload)
+    for module in model.modules():  # per FSDP group: the root's setting does not reach its children
+        if isinstance(module, FSDPModule):
+            module.set_gradient_divide_factor(1.0)
+            module.set_force_sum_reduction_for_comms(True)  # (a plain SUM: gloo has no PREMUL_SUM)
+    model.hidden_and_head = types.MethodType(_hidden_and_head, model)
+    register_fsdp_forward_method(model, "hidden_and_head")
+    return model
+
+
+def refresh(copy_, model) -> None:
+    """Copy `model`'s weights into `copy_` (a plain, unsharded module of the same architecture): each sharded
+    parameter is gathered once (full_tensor), one at a time, and converted to the copy's dtype."""
+    device, target = next(copy_.parameters()).device, dict(copy_.named_parameters())
+    with torch.no_grad():
+        for name, p in model.named_parameters():
+            target[name].copy_(p.to(device).full_tensor() if is_dtensor(p) else p)
+
+
+def save_sharded(path, model, optimizer) -> None:
+    """Weights and AdamW state with torch.distributed.checkpoint: every process writes its shards into `path`
+    (a folder every process can reach); a different number of processes can load them."""
+    import torch.distributed.checkpoint as dcp
+    from torch.distributed.checkpoint.state_dict import get_state_dict
+
+    model_state, optim_state = get_state_dict(model, optimizer)
+    dcp.save({"model": model_state, "optim": optim_state}, checkpoint_id=str(path))
+
+
+def load_sharded(path, model, optimizer) -> None:
+    import torch.distributed.checkpoint as dcp
+    from torch.distributed.checkpoint.state_dict import get_state_dict, set_state_dict
+
+    model_state, optim_state = get_state_dict(model, optimizer)
+    dcp.load({"model": model_state, "optim": optim_state}, checkpoint_id=str(path))
+    set_state_dict(model, optimizer, model_state_dict=model_state, optim_state_dict=optim_state)
+
+
+def full_state_dict(model) -> dict | None:
+    """The full weights on rank 0's CPU (every process must call it); None on the other ranks."""
+    from torch.distributed.checkpoint.state_dict import StateDictOptions, get_model_state_dict
+
+    state = get_model_state_dict(model, options=StateDictOptions(full_state_dict=True, cpu_offload=True))
+    return state if not distributed() or dist.get_rank() == 0 else None

@@ -3,7 +3,7 @@
     python train.py                                     # tiny model, synthetic world, local BM25 (CPU, minutes)
     python train.py --model Qwen/Qwen2.5-3B-Instruct --train-data nq_hotpotqa_train.parquet \
         --eval-data nq_test.jsonl,hotpotqa_dev.jsonl --retriever http://127.0.0.1:8000/retrieve --bf16
-    torchrun --nproc_per_node 8 train.py ...             # one rank per GPU (gloo on CPU)
+    torchrun --nproc_per_node 8 train.py ...             # FSDP2 over one rank per GPU (gloo on CPU)
     python train.py --resume runs/NAME                  # continue a killed run from its last checkpoint
     python train.py --eval-only --model runs/NAME/checkpoint [--eval-data nq,bamboogle --data-dir DIR]
 
@@ -35,6 +35,7 @@ import random
 import re
 import shutil
 import sys
+import tempfile
 import time
 import typing
 from dataclasses import asdict, dataclass
@@ -126,6 +127,7 @@ class TrainConfig:
     output_dir: str = "runs"  # run folders go here
     run_name: str | None = None  # None = a timestamp
     seed: int = 0  # data order and rollout sampling
+    cpu_offload: bool = False  # FSDP2 keeps weight shards, gradients and AdamW state in CPU memory (see the plan)
     save_every: int = 10  # GRPO steps between checkpoints (and after every phase)
     resume: str | None = None  # a run folder to continue
     save_rollouts: bool = False  # write every GRPO step's episodes to RUN/rollouts/ (token ids, masks, rewards)
@@ -551,18 +553,36 @@ def evaluate_sets(model, tokenizer, eval_sets: dict, retriever, cfg: RolloutConf
 
 
 def save_checkpoint(run_dir: Path, model, tokenizer, optimizer, state: dict) -> None:
-    """Atomic: written to checkpoint.tmp, then swapped in; a kill at any moment leaves one whole checkpoint."""
+    """Atomic: written to checkpoint.tmp, then swapped in; a kill at any moment leaves one whole checkpoint. Every
+    process calls it. checkpoint/dcp holds the weights and AdamW state, sharded (torch.distributed.checkpoint: it
+    resumes on any number of processes); beside it, the full weights as a transformers model (`save_pretrained`,
+    gathered on rank 0: `from_pretrained` loads them anywhere), the tokenizer, and trainer_state.pt (position in the
+    schedule, RNG states, the run's config)."""
     tmp, final, old = run_dir / "checkpoint.tmp", run_dir / "checkpoint", run_dir / "checkpoint.old"
-    shutil.rmtree(tmp, ignore_errors=True)
-    model.save_pretrained(tmp, max_shard_size="1000GB")  # one file, so resume reads model.safetensors
-    tokenizer.save_pretrained(tmp)
-    (tmp / "run_config.json").write_text(json.dumps(state["config"], indent=2))  # what --model CHECKPOINT inherits
-    rng = {"python": random.getstate(), "numpy": np.random.get_state(), "torch": torch.get_rng_state()}
-    torch.save({"optimizer": optimizer.state_dict(), "rng": rng, **state}, tmp / "trainer_state.pt")
-    if final.exists():
-        os.replace(final, old)
-    os.replace(tmp, final)
-    shutil.rmtree(old, ignore_errors=True)
+    main_process = not parallel.distributed() or dist.get_rank() == 0
+    if main_process:
+        shutil.rmtree(tmp, ignore_errors=True)
+        tmp.mkdir(parents=True)
+    barrier()
+    parallel.save_sharded(tmp / "dcp", model, optimizer)
+    full = parallel.full_state_dict(model) if parallel.is_sharded(model) else None
+    if main_process:
+        # one safetensors file; a sharded model exports the full weights gathered on rank 0
+        model.save_pretrained(tmp, max_shard_size="1000GB", **({"state_dict": full} if full is not None else {}))
+        tokenizer.save_pretrained(tmp)
+        (tmp / "run_config.json").write_text(json.dumps(state["config"], indent=2))  # what --model CKPT inherits
+        rng = {"python": random.getstate(), "numpy": np.random.get_state(), "torch": torch.get_rng_state()}
+        torch.save({"rng": rng, **state}, tmp / "trainer_state.pt")  # written last: its presence marks a whole one
+        if final.exists():
+            os.replace(final, old)
+        os.replace(tmp, final)
+        shutil.rmtree(old, ignore_errors=True)
+    barrier()
+
+
+def barrier() -> None:
+    if parallel.distributed():
+        dist.barrier()
 
 
 def find_checkpoint(run_dir: Path) -> Path | None:
@@ -572,19 +592,18 @@ def find_checkpoint(run_dir: Path) -> Path | None:
     return None
 
 
-def restore_checkpoint(ckpt: Path, policy, optimizer, device) -> dict:
-    """Weights, optimizer and RNG states from a checkpoint -> its trainer state (next unit, metrics lines, ...)."""
-    from safetensors.torch import load_file
-
+def restore_checkpoint(ckpt: Path, policy, optimizer) -> dict:
+    """Weights, AdamW and RNG states from a checkpoint (written by any number of processes) -> its trainer state
+    (next unit, metrics lines, results). Every key of this model must be in it: a checkpoint of another model is
+    refused, naming it."""
     state = torch.load(ckpt / "trainer_state.pt", map_location="cpu", weights_only=False)
-    weights = load_file(ckpt / "model.safetensors", device=str(device))
-    missing, unexpected = policy.load_state_dict(weights, strict=False)
-    # A tied lm_head is saved once, as the embedding; only such a model may lack it.
-    tied = getattr(policy.config.get_text_config(), "tie_word_embeddings", False)
-    if unexpected or set(missing) - ({"lm_head.weight"} if tied else set()):
-        raise SystemExit(f"error: {ckpt}: checkpoint does not match the model (missing {missing[:3]}, unexpected "
-                         f"{unexpected[:3]})")
-    optimizer.load_state_dict(state["optimizer"])
+    if not (ckpt / "dcp").is_dir():
+        raise SystemExit(f"error: {ckpt}: no dcp/ folder (a checkpoint of an older version of this code)")
+    try:
+        parallel.load_sharded(ckpt / "dcp", policy, optimizer)
+    except Exception as e:  # noqa: BLE001 - DCP's errors are long; one line that names the checkpoint
+        first = next((line for line in str(e).splitlines() if line.strip()), type(e).__name__)
+        raise SystemExit(f"error: {ckpt}: checkpoint does not match the model ({first.strip()[:300]})")
     random.setstate(state["rng"]["python"]), np.random.set_state(state["rng"]["numpy"])
     torch.set_rng_state(state["rng"]["torch"])
     return state
@@ -707,9 +726,15 @@ def _main(argv=None) -> dict:
     if cfg.resume and (Path(cfg.resume) / "results.json").exists():
         print(f"{cfg.resume} is complete (results.json is there): nothing to resume", file=sys.stderr)
         return json.loads((Path(cfg.resume) / "results.json").read_text())
-    if world_size > 1:
-        # CPU bookkeeping tensors (metrics, counts) go over gloo beside NCCL.
-        dist.init_process_group("cpu:gloo,cuda:nccl" if torch.cuda.is_available() else "gloo")
+    sharded = (world_size > 1 or cfg.cpu_offload) and not cfg.eval_only  # FSDP2 (evaluation needs no sharding)
+    if world_size > 1 or sharded:
+        # CPU bookkeeping tensors (metrics, counts) go over gloo beside NCCL; one process sharding its state to the
+        # CPU (--cpu-offload) is a process group of one.
+        backend = "cpu:gloo,cuda:nccl" if torch.cuda.is_available() else "gloo"
+        if world_size > 1:
+            dist.init_process_group(backend)
+        else:
+            dist.init_process_group(backend, init_method=f"file://{tempfile.mkdtemp()}/store", rank=0, world_size=1)
     device = torch.device(f"cuda:{int(os.environ.get('LOCAL_RANK', 0))}" if torch.cuda.is_available() else "cpu")
     if device.type == "cuda":
         torch.cuda.set_device(device)
@@ -729,13 +754,27 @@ def _main(argv=None) -> dict:
         " (python train.py --dry-run ... for the table)")
     if cfg.eval_only:
         return run_eval_only(cfg, policy, tokenizer, eval_sets, retriever, device, rank, world_size, say)
-    ref_model = parallel.frozen_copy(policy, torch.bfloat16 if cfg.bf16 else None) if cfg.beta > 0 else None
+    frozen_dtype = torch.bfloat16 if cfg.bf16 else None  # of the reference and the decoding copy
+    ref_model = parallel.frozen_copy(policy, frozen_dtype) if cfg.beta > 0 else None
+    decoder = None  # one process: rollouts decode with the policy itself (or a bf16 copy made per rollout)
+    if sharded:  # PLUMBING: FSDP2 over the processes; rollouts decode with one unsharded copy, refreshed each time
+        decoder = parallel.frozen_copy(policy, frozen_dtype)
+        ref_model = parallel.shard(ref_model, bf16=False, cpu_offload=cfg.cpu_offload) if ref_model else None
+        policy = parallel.shard(policy, bf16=cfg.bf16, cpu_offload=cfg.cpu_offload)
     optimizer = torch.optim.AdamW(policy.parameters(), lr=cfg.lr, weight_decay=cfg.weight_decay)
+
+    def decoding_model():
+        """The weights rollouts decode with, as they are now (parallel.for_decoding / parallel.refresh)."""
+        if decoder is None:
+            return parallel.for_decoding(policy, cfg.bf16)
+        parallel.refresh(decoder, policy)
+        return decoder
+
     run_dir = make_run_dir(cfg, main_process, world_size)
     next_unit, keep_lines, results = 0, 0, {}
     ckpt = find_checkpoint(run_dir) if cfg.resume else None
     if ckpt is not None:
-        state = restore_checkpoint(ckpt, policy, optimizer, device)
+        state = restore_checkpoint(ckpt, policy, optimizer)
         next_unit, keep_lines, results = state["next_unit"], state["metrics_lines"], state["results"]
     log = MetricsLog(run_dir / "metrics.jsonl", keep_lines if cfg.resume else None) if main_process else None
 
@@ -750,14 +789,11 @@ def _main(argv=None) -> dict:
     saved_unit = next_unit if ckpt is not None else None  # the unit the last checkpoint resumes at
 
     def checkpoint(next_index: int):
-        if main_process:
-            save_checkpoint(run_dir, policy, tokenizer, optimizer, {
-                "next_unit": next_index, "metrics_lines": log.lines, "results": results,
-                "data_cursor": sum(1 for r, p, _ in units[:next_index] if p == "grpo") * cfg.batch_size,
-                "config": asdict(cfg),
-            })
-        if world_size > 1:
-            dist.barrier()
+        save_checkpoint(run_dir, policy, tokenizer, optimizer, {
+            "next_unit": next_index, "metrics_lines": log.lines if main_process else 0, "results": results,
+            "data_cursor": sum(1 for r, p, _ in units[:next_index] if p == "grpo") * cfg.batch_size,
+            "config": asdict(cfg), "world_size": world_size,
+        })
 
     try:
         for index in range(next_unit, len(units)):
@@ -774,9 +810,8 @@ def _main(argv=None) -> dict:
                     n = cfg.batch_size if phase == "grpo" else cfg.opsd_questions
                     questions = draw_questions(train_examples, n, cfg.seed, stream_offset(cfg, rnd, phase, step))
                     with torch.no_grad():
-                        episodes = rollout(parallel.for_decoding(policy, cfg.bf16), tokenizer,
-                                           shard(questions, rank, world_size), retriever,
-                                           rollout_config(cfg, seed=seed))
+                        episodes = rollout(decoding_model(), tokenizer, shard(questions, rank, world_size),
+                                           retriever, rollout_config(cfg, seed=seed))
                     if phase == "grpo":
                         # 2-5. group advantages, old/ref log-probs, the clipped policy update
                         metrics = parallel.all_mean(episode_metrics(episodes))
@@ -785,11 +820,11 @@ def _main(argv=None) -> dict:
                         # 2-6. sibling pairs, the frozen teacher, the distillation steps, KL before/after
                         metrics = parallel.all_mean(episode_metrics(episodes, prefix="opsd_rollout"))
                         metrics |= opsd.opsd_phase(policy, episodes, tokenizer, cfg, seed=seed, retriever=retriever,
-                                                   rollout_cfg=rollout_config(cfg, seed=seed))
+                                                   rollout_cfg=rollout_config(cfg, seed=seed), frozen=decoder)
                 else:
                     # evaluation: greedy episodes on every eval set
                     policy.eval()
-                    results = evaluate_sets(parallel.for_decoding(policy, cfg.bf16), tokenizer, eval_sets, retriever,
+                    results = evaluate_sets(decoding_model(), tokenizer, eval_sets, retriever,
                                             rollout_config(cfg, seed=0, greedy=True), rank=rank, world_size=world_size)
                     metrics = {f"eval/{name}/{k}": v for name, row in results.items() for k, v in row.items()}
 
@@ -820,7 +855,7 @@ def _main(argv=None) -> dict:
     if main_process:
         (run_dir / "results.json").write_text(json.dumps(results, indent=2))  # its presence marks a complete run
         say(f"done: {run_dir}")
-    if world_size > 1:
+    if parallel.distributed():
         dist.destroy_process_group()
     return results
 

@@ -57,8 +57,9 @@ class Scripted(torch.nn.Module):
         self.vocab = len(tokenizer)
         # no free token may start or end a tag by chance: ids whose text holds "<" or ">" are the script's alone
         self.tags = [i for i in range(self.vocab) if any(c in tokenizer.decode([i]) for c in "<>")]
-        self.eos = [i for i in {tokenizer.eos_token_id, *([model.generation_config.eos_token_id] if isinstance(
-            model.generation_config.eos_token_id, int) else model.generation_config.eos_token_id or [])} if i is not None]
+        gen_eos = model.generation_config.eos_token_id
+        gen_eos = [gen_eos] if isinstance(gen_eos, int) else gen_eos or []
+        self.eos = sorted({tokenizer.eos_token_id, *gen_eos} - {None})
         self.turn, self.step = 0, 0
 
     @property
@@ -110,16 +111,17 @@ def main(argv=None):
     parser.add_argument("--max-turns", type=int, default=4)
     parser.add_argument("--max-new-tokens", type=int, default=500)
     parser.add_argument("--max-obs-tokens", type=int, default=500)
-    parser.add_argument("--free-tokens", type=int, default=120, help="tokens the model samples per turn before the script")
+    parser.add_argument("--free-tokens", type=int, default=120, help="tokens sampled per turn before the script")
     parser.add_argument("--micro-batch-size", type=int, default=8)
     parser.add_argument("--lora-rank", type=int, default=64)
+    parser.add_argument("--fsdp", action="store_true", help="also the torchrun code path (FSDP2) at world size 1")
     args = parser.parse_args(argv)
 
     cuda = torch.cuda.is_available()
     if not cuda and not args.toy:
         raise SystemExit("error: no CUDA device here; `--toy` runs a small configuration on the CPU")
     device = torch.device("cuda" if cuda else "cpu")
-    from transformers import Qwen2Config, Qwen2ForCausalLM
+    from transformers import Qwen2Config
 
     import tiny
 
@@ -141,6 +143,30 @@ def main(argv=None):
     cfg = train.parse_config(flags)
     if not cuda:
         cfg = dataclasses.replace(cfg, bf16=False)  # (bf16 autocast on a CPU is slow and says nothing here)
+    shape = memory.model_shape(config)
+    print(memory.format_plan(cfg, shape, memory.GiB * 80 if cuda else None, where=" (this check's settings)"))
+    rows = check(cfg, config, tokenizer, world, retriever, query, device, args, sharded=False)
+    if args.fsdp:  # the torchrun code path (FSDP2) at world size 1, on a fresh model: its cost against the above
+        import tempfile
+
+        import torch.distributed as dist
+
+        dist.init_process_group("nccl" if cuda else "gloo", init_method=f"file://{tempfile.mkdtemp()}/store",
+                                rank=0, world_size=1)
+        sharded = check(cfg, config, tokenizer, world, retriever, query, device, args, sharded=True)
+        print(f"\nFSDP2 at world size 1 against the unwrapped model (time and peak memory, sharded / unwrapped):")
+        for (name, s0, _, m0, _), (_, s1, _, m1, _) in zip(rows, sharded):
+            print(f"  {name:<26} time {s1 / s0:5.2f}x   peak memory {m1 / m0 if m0 == m0 else float('nan'):5.2f}x")
+        dist.destroy_process_group()
+
+
+def check(cfg, config, tokenizer, world, retriever, query, device, args, *, sharded: bool) -> list[tuple]:
+    """Build the model, then measure a rollout chunk, a GRPO step, and OPSD with LoRA and with full fine-tuning:
+    the rows (phase, seconds, tokens/s, peak GiB, planned GiB). sharded: FSDP2 as train.py runs it under torchrun
+    (the plan's world-size-1 sharded figures: the decoding copy resident, the state sharded over 1)."""
+    from transformers import Qwen2ForCausalLM
+
+    cuda = device.type == "cuda"
     torch.manual_seed(0)
     t0 = time.time()
     with torch.device(device):
@@ -148,28 +174,40 @@ def main(argv=None):
     train.disable_dropout(policy)
     policy.gradient_checkpointing_enable()
     policy.config.use_cache = False
-    print(f"model: {sum(p.numel() for p in policy.parameters()) / 1e6:,.1f}M parameters, built in "
+    print(f"\nmodel{' (FSDP2, world size 1)' if sharded else ''}: "
+          f"{sum(p.numel() for p in policy.parameters()) / 1e6:,.1f}M parameters, built in "
           f"{time.time() - t0:.1f} s on {device}; bf16 compute: {cfg.bf16}", flush=True)
     shape = memory.model_shape(config)
-    print(memory.format_plan(cfg, shape, memory.GiB * 80 if cuda else None, where=" (this check's settings)"))
-    plans = {name: nbytes for name, (nbytes, _) in memory.plan(cfg, shape)["phases"].items()}
-    full_plans = {name: nbytes for name, (nbytes, _) in
-                  memory.plan(dataclasses.replace(cfg, opsd_lora_rank=0), shape)["phases"].items()}
-
-    ref = parallel.frozen_copy(policy, torch.bfloat16 if cfg.bf16 else None)
+    plans, full_plans = ({name: nbytes for name, (nbytes, _) in
+                          memory.plan(c, shape, world_size=1, sharded=sharded)["phases"].items()}
+                         for c in (cfg, dataclasses.replace(cfg, opsd_lora_rank=0)))
+    frozen_dtype = torch.bfloat16 if cfg.bf16 else None
+    ref = parallel.frozen_copy(policy, frozen_dtype)
+    decoder = None
+    if sharded:
+        decoder = parallel.frozen_copy(policy, frozen_dtype)
+        ref = parallel.shard(ref, bf16=False)
+        policy = parallel.shard(policy, bf16=cfg.bf16)
     optimizer = torch.optim.AdamW(policy.parameters(), lr=cfg.lr, weight_decay=cfg.weight_decay)
     examples = world.train[:args.questions]
     rollout_cfg = train.rollout_config(cfg, seed=0)
     print(f"{'phase':<26}{'seconds':>9}{'tokens/s':>12}{'peak GiB':>12}{'plan GiB':>12}")
+    rows = []
+
+    def decoding_model():
+        if decoder is None:
+            return parallel.for_decoding(policy, cfg.bf16)
+        parallel.refresh(decoder, policy)
+        return decoder
 
     def do_rollout():
-        scripted = Scripted(parallel.for_decoding(policy, cfg.bf16), tokenizer, query, args.free_tokens,
-                            cfg.max_turns)
+        scripted = Scripted(decoding_model(), tokenizer, query, args.free_tokens, cfg.max_turns)
         with torch.no_grad(), parallel.autocast(cfg.bf16, device):
             return rollout(scripted, tokenizer, examples, retriever, rollout_cfg)
 
-    episodes, _ = measure("rollout (sampled tokens)", do_rollout, device, plans["rollout"],
-                          lambda eps: sum(sum(e.loss_mask) for e in eps))
+    episodes, row = measure("rollout (sampled tokens)", do_rollout, device, plans["rollout"],
+                            lambda eps: sum(sum(e.loss_mask) for e in eps))
+    rows.append(row)
     assert all(e.num_searches == cfg.max_turns for e in episodes), [(e.finish_reason, e.num_searches) for e in episodes]
     for i, e in enumerate(episodes):  # mixed rewards: non-zero advantages, and correct siblings for OPSD
         e.reward = float(i % 2)
@@ -182,20 +220,27 @@ def main(argv=None):
         with parallel.autocast(cfg.bf16, device):
             return grpo.grpo_step(policy, ref, optimizer, episodes, cfg)
 
-    metrics, _ = measure("GRPO step (all tokens)", grpo_update, device, plans["GRPO update"], tokens)
+    metrics, row = measure("GRPO step (all tokens)", grpo_update, device, plans["GRPO update"], tokens)
+    rows.append(row)
     assert metrics["grpo/optimizer_steps"] == 1 and metrics["grpo/skipped_steps"] == 0, metrics
     for name, rank, planned in (("OPSD phase, LoRA", cfg.opsd_lora_rank, plans["OPSD phase"]),
                                 ("OPSD phase, full", 0, full_plans["OPSD phase"])):
         phase_cfg = dataclasses.replace(cfg, opsd_lora_rank=rank)
 
         def run_phase():
+            frozen = decoding_model() if sharded and not rank else None
             with parallel.autocast(cfg.bf16, device):
-                return opsd.opsd_phase(policy, episodes, tokenizer, phase_cfg, seed=0)
+                return opsd.opsd_phase(policy, episodes, tokenizer, phase_cfg, seed=0, frozen=frozen)
 
-        metrics, _ = measure(name, run_phase, device, planned, lambda m: m["opsd/loss_tokens"] * 3)
+        metrics, row = measure(name, run_phase, device, planned, lambda m: m["opsd/loss_tokens"] * 3)
+        rows.append(row)
         assert metrics["opsd/optimizer_steps"] == 1 and metrics["opsd/pairs"] > 0, metrics
     print("(tokens/s of an OPSD phase: student tokens x 3 passes (KL before, the step, KL after); the plan is the "
           "worst case of these settings)")
+    del policy, ref, decoder, optimizer
+    if cuda:
+        torch.cuda.empty_cache()
+    return rows
 
 
 if __name__ == "__main__":

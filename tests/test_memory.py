@@ -127,21 +127,24 @@ def test_dry_run_plans_qwen25_3b_on_one_80gb_gpu_and_says_what_makes_it_fit(tmp_
 
 
 def test_gpu_check_runs_at_toy_size_on_the_cpu():
-    """bench/gpu_check.py's every phase (scripted rollout with searches, GRPO step, OPSD with LoRA and full), small."""
+    """bench/gpu_check.py's every phase (scripted rollout with searches, GRPO step, OPSD with LoRA and full), small,
+    unwrapped and through FSDP2 at world size 1."""
     import importlib.util
     import math
 
     args = ["--toy", "--questions", "2", "--rollout-batch-size", "4", "--max-new-tokens", "40", "--max-obs-tokens",
-            "80", "--free-tokens", "12", "--lora-rank", "4"]
+            "80", "--free-tokens", "12", "--lora-rank", "4", "--fsdp"]
     if importlib.util.find_spec("peft") is None:
         pytest.skip("LoRA needs PEFT (requirements-lora.txt)")
     proc = subprocess.run([sys.executable, str(ROOT / "bench" / "gpu_check.py"), *args], capture_output=True,
                           text=True, cwd=ROOT, timeout=300)
     assert proc.returncode == 0, proc.stderr[-3000:]
-    rows = {line[:26].strip(): line[26:].split() for line in proc.stdout.splitlines()
-            if line.startswith(("rollout", "GRPO", "OPSD"))}
-    assert list(rows) == ["rollout (sampled tokens)", "GRPO step (all tokens)", "OPSD phase, LoRA", "OPSD phase, full"]
-    for name, (seconds, tokens_per_s, peak, plan) in rows.items():
+    lines = [line for line in proc.stdout.splitlines() if line.startswith(("rollout", "GRPO", "OPSD"))]
+    rows = [(line[:26].strip(), line[26:].split()) for line in lines]
+    names = ["rollout (sampled tokens)", "GRPO step (all tokens)", "OPSD phase, LoRA", "OPSD phase, full"]
+    assert [name for name, _ in rows] == names * 2  # unwrapped, then FSDP2 at world size 1
+    for name, (seconds, tokens_per_s, peak, plan) in rows:
         assert float(seconds) > 0 and float(tokens_per_s) > 0 and float(plan) > 0, name
         assert math.isnan(float(peak))  # no CUDA here: no peak to report
-    assert "10 episodes" in proc.stdout and "40 searches" in proc.stdout  # 4 searches per episode, from BM25
+    assert proc.stdout.count("10 episodes, ") == 2 and "40 searches" in proc.stdout  # 4 a episode, from BM25
+    assert "FSDP2 at world size 1 against the unwrapped model" in proc.stdout

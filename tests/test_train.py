@@ -445,3 +445,55 @@ def test_bf16_keeps_fp32_master_weights_so_an_update_at_lr_1e_6_is_not_rounded_a
     total = sum(v.numel() for k, v in start.items() if k in weights)
     assert changed["fp32"] > 0.5 * total
     assert changed["bf16"] >= 0.9 * changed["fp32"], changed
+
+
+def torchrun(args, env=None, **kw):
+    env = {**os.environ, "HF_HUB_OFFLINE": "1", "OMP_NUM_THREADS": "1", **(env or {})}
+    return [sys.executable, "-m", "torch.distributed.run", "--standalone", "--nproc_per_node", "2",
+            str(ROOT / "train.py"), *args], env
+
+
+def test_two_process_run_killed_after_a_checkpoint_resumes_on_two_processes_or_one(tmp_path):
+    """FSDP2 end to end (GRPO steps, an OPSD phase with LoRA, evaluations), sharded checkpoints: SIGKILL to the
+    whole process group after the first checkpoint; --resume on 2 processes ends with the uninterrupted run's
+    numbers; --resume on 1 process loads the 2-process shards and finishes (its later numbers may differ: each
+    process samples with its own seed)."""
+    import shutil
+
+    pytest.importorskip("peft", reason="LoRA needs PEFT (requirements-lora.txt)")
+    args = [*SHORT, "--no-eval-at-start", "--opsd-lora-rank", "4", "--opsd-batch-size", "4", "--eval-limit", "4",
+            *lenient_data(tmp_path), "--output-dir", str(tmp_path)]
+    cmd, env = torchrun([*args, "--run-name", "straight"])
+    proc = subprocess.run(cmd, capture_output=True, text=True, env=env, cwd=ROOT, timeout=600)
+    assert proc.returncode == 0, proc.stderr[-3000:]
+    straight = read_metrics(tmp_path / "straight")
+    opsd_row = next(r for r in straight if r["phase"] == "opsd")
+    assert opsd_row["opsd/pairs"] > 0 and opsd_row["opsd/optimizer_steps"] >= 1  # LoRA trained, under FSDP2
+    assert (tmp_path / "straight" / "checkpoint" / "dcp").is_dir()
+
+    cmd, env = torchrun([*args, "--run-name", "killed"])
+    killed = subprocess.Popen(cmd, stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL, env=env, cwd=ROOT,
+                              start_new_session=True)
+    state = tmp_path / "killed" / "checkpoint" / "trainer_state.pt"
+    deadline = time.time() + 300
+    while not state.exists() and killed.poll() is None and time.time() < deadline:
+        time.sleep(0.02)
+    os.killpg(killed.pid, signal.SIGKILL)
+    killed.wait()
+    assert state.exists() and not (tmp_path / "killed" / "results.json").exists()
+    shutil.copytree(tmp_path / "killed", tmp_path / "one")
+
+    cmd, env = torchrun(["--resume", str(tmp_path / "killed")])
+    proc = subprocess.run(cmd, capture_output=True, text=True, env=env, cwd=ROOT, timeout=600)
+    assert proc.returncode == 0, proc.stderr[-3000:]
+    assert without_timing(read_metrics(tmp_path / "killed")) == without_timing(straight)
+    assert json.loads((tmp_path / "killed" / "results.json").read_text()) == \
+        json.loads((tmp_path / "straight" / "results.json").read_text())
+
+    run_train(["--resume", str(tmp_path / "one")], tmp_path)  # one process, from two processes' shards
+    resumed = read_metrics(tmp_path / "one")
+    assert [r["unit"] for r in resumed] == [r["unit"] for r in straight] and (tmp_path / "one" / "results.json").exists()
+    from transformers import AutoModelForCausalLM
+
+    model = AutoModelForCausalLM.from_pretrained(tmp_path / "one" / "checkpoint")  # the exported full weights
+    assert all(torch.isfinite(p).all() for p in model.parameters())
