@@ -46,7 +46,7 @@ def load_qa(path_or_name: str | os.PathLike, *, split: str = "test", limit: int 
     (chat messages whose user turn ends "Question: ...") and "reward_model": {"ground_truth": {"target": [...]}};
     the target is what Search-R1's reward reads, so it wins over "golden_answers" when both are present, and the
     question is taken from "question" or else from the prompt. `source` is data_source, or else the dataset's name
-from the path: the file stem, or the folder's name for a split-named file (FlashRAG's `nq/test.jsonl` -> "nq").
+    from the path: the file stem, or the folder's name for a split-named file (FlashRAG's `nq/test.jsonl` -> "nq").
     A name that is not a local path ("RUC-NLPIR/FlashRAG_datasets/nq", "PeterJinGo/nq_hotpotqa_train") is loaded
     with the `datasets` client; `split` only matters for folders and hub names.
     """

@@ -250,7 +250,8 @@ def plot_run(run_dir: Path, out: Path | None = None) -> Path:
                                               ("opsd/student_em", "student (normal prompt)", "opsd", "points")]),
     ]
     panels = [p for p in panels if any(key in r for key, *_ in p[1] for r in rows)]  # (no diagnostic: no panel)
-    fig, axes = plt.subplots(len(panels), 1, figsize=(9, 2.5 * len(panels)), sharex=True)
+    fig, axes = plt.subplots(len(panels), 1, figsize=(9, 2.5 * len(panels) + 0.5), sharex=True, squeeze=False)
+    axes = axes[:, 0]  # (one panel too: a run stopped after its baseline evaluation)
     for ax, (ylabel, lines) in zip(axes, panels):
         for key, label, phase, how in lines:
             xs, ys = series(key, phase)

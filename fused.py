@@ -151,8 +151,10 @@ class _ForwardKL(torch.autograd.Function):
         kl_unclipped = kl.new_empty(n if with_stats else 0)  # (N,) the true KL, for metrics
         entropy = kl.new_empty(n if with_stats else 0)  # (N,) of the student, for metrics
         grad_now = reduction == "sum" and with_grad
-        grad_h = torch.empty_like(hidden) if grad_now else None  # (N, H)
-        grad_w = torch.zeros_like(weight, dtype=_upcast(weight).dtype) if grad_now else None  # (V, H)
+        # (only what needs one: a frozen head, as in LoRA OPSD, gets no (V, H) accumulator and no extra matmul)
+        grad_h = torch.empty_like(hidden) if grad_now and ctx.needs_input_grad[0] else None  # (N, H)
+        grad_w = torch.zeros_like(weight, dtype=_upcast(weight).dtype) if grad_now and ctx.needs_input_grad[2] \
+            else None  # (V, H)
         for s in range(0, n, chunk_size):
             c = slice(s, s + chunk_size)
             logp = _log_softmax_(_logits(hidden[c], weight, temperature))  # (c, V) student
@@ -179,8 +181,8 @@ class _ForwardKL(torch.autograd.Function):
         nones = (None,) * 7
         if ctx.grad_now:  # computed in the forward; scale by the incoming scalar gradient
             grad_h, grad_w = ctx.saved_tensors
-            grad_h = grad_h * grad_kl if ctx.needs_input_grad[0] else None
-            grad_w = (grad_w * grad_kl).to(ctx.weight_dtype) if ctx.needs_input_grad[2] else None
+            grad_h = grad_h * grad_kl if grad_h is not None else None
+            grad_w = (grad_w * grad_kl).to(ctx.weight_dtype) if grad_w is not None else None
             return grad_h, None, grad_w, *nones
         hidden, teacher_hidden, weight, teacher_weight = ctx.saved_tensors
         grad_h = torch.empty_like(hidden) if ctx.needs_input_grad[0] else None

@@ -43,7 +43,7 @@ from dataclasses import dataclass
 import torch
 
 from fused import pad_batch, response_logprobs
-from parallel import all_gather, all_reduce_sum, optimizer_step
+from parallel import all_gather, all_reduce_sum, optimizer_step, reshard
 
 ADV_EPS = 1e-6  # verl's compute_grpo_outcome_advantage, as Search-R1 uses it (TRL uses 1e-4)
 
@@ -162,6 +162,8 @@ def grpo_step(policy, ref_model, optimizer, episodes, cfg) -> dict:
     with torch.no_grad():
         old_all = all_logprobs(policy) if num_steps > 1 else None
         ref_all = all_logprobs(ref_model) if cfg.beta > 0 and ref_model is not None else None
+        if ref_all is not None:
+            reshard(ref_model)  # (sharded: its gathered root would otherwise stay resident)
 
     # 4. updates: mini-batches (optimizer steps) of micro-batches (forward/backward), normaliser per mini-batch
     sums = dict.fromkeys(["tokens", "clip_fraction", "ratio_mean", "kl", "entropy"], 0.0)

@@ -11,9 +11,9 @@ episodes are shorter. P = parameters, A = LoRA adapter parameters, W = processes
     gradients               4 P            fp32, during an update
     AdamW (GRPO)            8 P            two fp32 moments, resident all run
     bf16 copies             2 P            --bf16: the bf16 copy autocast keeps in a forward, or a rollout decodes with
-    reference               2 P or 4 P     beta > 0: frozen copy, bf16 under --bf16
+    reference               2 M + 4 (P-M)  beta > 0: a frozen copy, its M matmul weights in bf16 (4 P in fp32)
     OPSD, LoRA              16 A           adapter weights, gradients and AdamW (the teacher is the adapter off)
-    OPSD, full fine-tuning  2|4 P + 12 P   a frozen teacher copy, and gradients + a second AdamW for the phase
+    OPSD, full fine-tuning  frozen + 12 P  a frozen teacher copy (as the reference), gradients, a second AdamW
     KV cache                N x S x L x 2 x kv_heads x head_dim x (2 under --bf16, else 4)
                             N = rollout_batch_size episodes, S = the longest cache a batch can grow: prompt +
                             (max_turns + 1) x max_new_tokens + max_turns x max_obs_tokens (rows that stop early
@@ -39,7 +39,6 @@ from dataclasses import dataclass
 
 GiB = 1024 ** 3
 PROMPT_TOKENS = 256  # the instruction and a question, tokenised (Qwen2.5's template: ~200)
-LORA_TARGETS = ("q_proj", "k_proj", "v_proj", "o_proj", "gate_proj", "up_proj", "down_proj")
 
 
 @dataclass
@@ -53,6 +52,7 @@ class ModelShape:
     kv_heads: int
     head_dim: int
     lora_params_per_rank: int  # adapter parameters per unit of rank: sum of (in + out) over the adapted linears
+    matmul_params: int  # the decoder's linear layers (a frozen bf16 copy converts these alone)
     layer_params: int  # one decoder layer's (an FSDP2 group)
     root_params: int  # the rest: embeddings, final norm, an untied lm_head (the root FSDP2 group)
 
@@ -70,15 +70,20 @@ def model_shape(config) -> ModelShape:
     with torch.device("meta"):
         model = AutoModelForCausalLM.from_config(config)
     params = sum(p.numel() for p in model.parameters())
-    lora = sum(m.in_features + m.out_features for name, m in model.named_modules()
-               if isinstance(m, torch.nn.Linear) and name.rsplit(".", 1)[-1] in LORA_TARGETS)
+    head_module = model.get_output_embeddings()
+    # LoRA on every linear layer but the head (opsd.LORA_TARGETS, PEFT's "all-linear"): r x (in + out) each
+    lora = sum(m.in_features + m.out_features for m in model.modules()
+               if isinstance(m, torch.nn.Linear) and m is not head_module)
     head_dim = getattr(config, "head_dim", None) or config.hidden_size // config.num_attention_heads
     layer = sum(p.numel() for p in model.get_decoder().layers[0].parameters())
+    head = {id(p) for p in model.get_output_embeddings().parameters()}
+    matmul = sum(p.numel() for m in model.modules() if isinstance(m, torch.nn.Linear) for p in m.parameters()
+                 if id(p) not in head)
     return ModelShape(params=params, layers=config.num_hidden_layers, hidden=config.hidden_size,
                       intermediate=config.intermediate_size, vocab=config.vocab_size,
                       heads=config.num_attention_heads,
                       kv_heads=getattr(config, "num_key_value_heads", None) or config.num_attention_heads,
-                      head_dim=head_dim, lora_params_per_rank=lora, layer_params=layer,
+                      head_dim=head_dim, lora_params_per_rank=lora, matmul_params=matmul, layer_params=layer,
                       root_params=params - layer * config.num_hidden_layers)
 
 
@@ -86,9 +91,10 @@ def kv_bytes_per_token(shape: ModelShape, bf16: bool) -> int:
     return shape.layers * 2 * shape.kv_dim * (2 if bf16 else 4)  # K and V of every layer
 
 
-def kv_cache_bytes(shape: ModelShape, cfg) -> int:
+def kv_cache_bytes(shape: ModelShape, cfg, world_size: int = 1) -> int:
     longest = PROMPT_TOKENS + (cfg.max_turns + 1) * cfg.max_new_tokens + cfg.max_turns * cfg.max_obs_tokens
-    episodes = cfg.rollout_batch_size or cfg.batch_size * cfg.num_generations
+    questions = max(cfg.batch_size, cfg.opsd_questions if cfg.opsd else 0)  # a rollout's, over all processes
+    episodes = cfg.rollout_batch_size or -(-questions * cfg.num_generations // world_size)
     return episodes * longest * kv_bytes_per_token(shape, cfg.bf16)
 
 
@@ -117,19 +123,20 @@ def plan(cfg, shape: ModelShape, world_size: int = 1, sharded: bool | None = Non
     P, W = shape.params, world_size
     sharded = W > 1 or cfg.cpu_offload if sharded is None else sharded
     on_gpu = 0 if cfg.cpu_offload else 1  # (offloaded shards live in CPU memory)
-    weight = 2 if cfg.bf16 else 4
+    weight = 2 if cfg.bf16 else 4  # bytes per parameter of the decoding copy
+    frozen = 2 * shape.matmul_params + 4 * (P - shape.matmul_params) if cfg.bf16 else 4 * P  # a frozen copy
     lora = cfg.opsd and cfg.opsd_lora_rank > 0
     part = (lambda n: on_gpu * n // W) if sharded else (lambda n: n)  # noqa: E731
     items = {
         "policy weights (fp32)": part(4 * P),
         "gradients (fp32)": part(4 * P),
         "AdamW state (GRPO, fp32)": part(8 * P),
-        "reference model": part(weight * P) if cfg.beta > 0 else 0,
+        "reference model": part(frozen) if cfg.beta > 0 else 0,
         "bf16 weight copies (autocast / decoding)": 0 if sharded else 2 * P if cfg.bf16 else 0,
         "decoding copy (unsharded)": weight * P if sharded else 0,
         "FSDP gathered weights (2 layers + root)": 2 * shape.layer_params * weight + shape.root_params * 4
         if sharded else 0,
-        f"KV cache ({cfg.rollout_batch_size or 'all'} episodes)": kv_cache_bytes(shape, cfg),
+        f"KV cache ({cfg.rollout_batch_size or 'all'} episodes)": kv_cache_bytes(shape, cfg, W),
         f"activations (micro-batch {cfg.micro_batch_size})": activation_bytes(shape, cfg),
         "activations, no-grad forward (one layer)": cfg.micro_batch_size * cfg.max_context_tokens *
         layer_bytes_per_token(shape, cfg.bf16),
@@ -139,7 +146,7 @@ def plan(cfg, shape: ModelShape, world_size: int = 1, sharded: bool | None = Non
         items[f"OPSD LoRA adapter (rank {cfg.opsd_lora_rank}) + grads + AdamW"] = \
             16 * cfg.opsd_lora_rank * shape.lora_params_per_rank
     elif cfg.opsd:
-        items["OPSD teacher copy"] = 0 if sharded else weight * P  # (sharded: the decoding copy teaches)
+        items["OPSD teacher copy"] = 0 if sharded else frozen  # (sharded: the decoding copy teaches)
         items["OPSD AdamW (fp32)"] = part(8 * P)
     kv, act, nograd, chunk = (next(k for k in items if k.startswith(s)) for s in
                               ("KV cache", "activations (", "activations, no-grad", "fused chunk"))
@@ -171,7 +178,7 @@ REMEDIES = [
     ("--rollout-batch-size {rollout_batch_size}", lambda c: dataclasses.replace(c, rollout_batch_size=max(
         1, (c.rollout_batch_size or c.batch_size * c.num_generations) // 2))),
     ("--chunk-size {chunk_size}", lambda c: dataclasses.replace(c, chunk_size=max(128, c.chunk_size // 2))),
-    ("--cpu-offload", lambda c: dataclasses.replace(c, cpu_offload=True)),
+    ("--cpu-offload --opsd-lora-rank 0", lambda c: dataclasses.replace(c, cpu_offload=True, opsd_lora_rank=0)),
 ]
 
 

@@ -59,8 +59,8 @@ import torch
 
 import fused
 from fused import pad_batch, response_hidden
-from parallel import (all_mean, all_reduce_sum, all_sum, distributed, frozen_copy, is_dtensor, max_over_ranks,
-                      optimizer_step, world_size)
+from parallel import (all_reduce_sum, all_sum, distributed, frozen_copy, is_dtensor, max_over_ranks, optimizer_step,
+                      reshard, world_size)
 from rollout import OBSERVATION_CLOSE, OBSERVATION_OPEN, Episode, build_prompt, rollout
 
 # The privileged context appended to the teacher's user turn; {reference} = the reference episode's response.
@@ -216,7 +216,7 @@ def _pair_batches(pairs: list[Pair], tokenizer, micro: int, device):
 # ---------------------------------------------------------------- the teacher: a frozen copy, or the adapter off
 
 # LoRA on every linear layer of the decoder (PEFT's "all-linear": q, k, v, o, gate, up, down in Qwen2 / Llama),
-# never on the lm_head, which Qwen2.5 ties to the embedding.
+# never on the lm_head, which Qwen2.5 ties to the embedding (memory.py counts the same layers).
 LORA_TARGETS = "all-linear"
 
 
@@ -326,6 +326,8 @@ def opsd_kl(student_model, teacher_model, pairs: list[Pair], tokenizer, cfg, thr
         kl = kl.double().cpu()
         sums += torch.stack([kl.sum(), torch.tensor(float(len(kl))), kl[correct].sum(), correct.sum().double(),
                              kl[~correct].sum(), (~correct).sum().double()])
+    for model in {id(m): m for m in (student_model, teacher_model)}.values():
+        reshard(model)  # (sharded: the gathered root would otherwise stay resident until the next backward)
     sums = all_reduce_sum(sums).tolist()
     out = {"all": sums[0] / max(sums[1], 1.0)}
     for name, i in (("correct", 2), ("incorrect", 4)):
@@ -387,11 +389,16 @@ def opsd_phase(policy, episodes: list[Episode], tokenizer, cfg, *, seed: int, re
         pairs = mismatch_references(pairs)
     positions = getattr(policy.config.get_text_config(), "max_position_embeddings", None) or math.inf
     max_tokens = min(cfg.opsd_max_tokens or cfg.max_context_tokens, positions)
+    references = list({id(p.reference): p.reference for p in pairs}.values())
+    sums = all_sum({"groups": mined["groups"], "skipped_groups": mined["skipped_groups"], "references": len(references),
+                    "reference_searches": sum(r.num_searches for r in references), "mined": len(pairs),
+                    "incorrect": sum(p.student.reward < 1.0 for p in pairs)})  # over all processes
     pairs, bounded = bound_teacher_prompts(pairs, tokenizer, max_tokens)
-    counts = {k: mined.pop(k) for k in ("pairs", "groups", "skipped_groups")} | bounded
-    counts["pairs"] = float(len(pairs))  # the pairs trained on: mined, minus those over the length bound
-    metrics = {f"opsd/{k}": v for k, v in all_mean(mined).items()}  # means over processes
-    metrics |= {f"opsd/{k}": v for k, v in all_sum(counts).items()}  # sums over processes
+    bounded = all_sum(bounded | {"pairs": len(pairs)})  # the pairs trained on: mined, minus those over the bound
+    metrics = {f"opsd/{k}": v for k, v in bounded.items()}
+    metrics |= {"opsd/groups": sums["groups"], "opsd/skipped_groups": sums["skipped_groups"],
+                "opsd/reference_searches": sums["reference_searches"] / max(sums["references"], 1.0),
+                "opsd/incorrect_students": sums["incorrect"] / max(sums["mined"], 1.0)}
     if cfg.opsd_diagnostic_pairs and retriever is not None:  # before any step: the policy is the teacher now
         metrics |= teacher_diagnostic(policy if frozen is None else frozen, pairs, tokenizer, retriever, rollout_cfg,
                                       cfg.opsd_diagnostic_pairs)

@@ -12,13 +12,14 @@ all processes, so the SUM of the per-process gradients is the gradient of the gl
 Precision (--bf16). The policy keeps fp32 weights, and AdamW keeps fp32 state, so an update of 1e-6 relative size
 is not rounded away (a bf16 weight has 8 bits of mantissa: updates below ~1/256 of a weight vanish, and at lr 1e-6
 nearly all do; verl: "create model in fp32, otherwise the optimizer is in bf16, which is incorrect"). Forward
-passes run under torch.autocast(bfloat16): matmuls in bf16, the residual stream, norms and softmaxes in fp32, the
-rollouts decode with a bf16 copy of the policy (for_decoding), so the KV cache is bf16 too. Bytes per trained
-parameter: 4 (weight) + 4 (gradient) + 8 (AdamW's two moments) = 16, plus the bf16 copy that autocast keeps of
-each weight while a forward region runs, or that a rollout decodes with (2). Models without gradients (the GRPO
-reference, the full-fine-tuning OPSD teacher) hold bf16 weights: 2 bytes per parameter. The fused lm_head
-(fused.py) computes in its weight's dtype: fp32 for the policy, so per-token log-probs and ratios are not
-blurred by bf16 rounding of the logits (an error of ~0.4% of a logit of 20 is a ratio error of ~8%).
+passes run under torch.autocast(bfloat16), without its weight cache (autocast): matmuls in bf16; the residual
+stream, norms and softmaxes in fp32. Rollouts decode with an all-bf16 copy of the policy (for_decoding), so the
+KV cache is bf16 too. Bytes per trained parameter: 4 (weight) + 4 (gradient) + 8 (AdamW's two moments) = 16,
+plus 2 for the bf16 casts a forward keeps for its backward, or for the copy a rollout decodes with. Models
+without gradients (the GRPO reference, the full-fine-tuning OPSD teacher) hold their matmul weights in bf16 (2
+bytes a parameter) and the rest in fp32 (frozen_copy), which makes them compute exactly what the policy
+computes. The fused lm_head (fused.py) computes in its weight's dtype, fp32, so per-token log-probs and ratios are
+not blurred by bf16 rounding of the logits (an error of ~0.4% of a logit of 20 is a ratio error of ~8%).
 """
 from __future__ import annotations
 
@@ -31,26 +32,46 @@ import torch.distributed as dist
 
 
 def autocast(enabled: bool, device) -> torch.autocast:
-    """bf16 compute for everything inside (a no-op when not enabled): module docstring, "Precision"."""
-    return torch.autocast(torch.device(device).type, dtype=torch.bfloat16, enabled=enabled)
+    """bf16 compute for everything inside (a no-op when not enabled): module docstring, "Precision". Without the
+    cast cache: autocast would otherwise keep one bf16 copy of each weight for the whole region, without checking
+    its version, so every forward after an optimizer step inside the region would still see the old weights."""
+    return torch.autocast(torch.device(device).type, dtype=torch.bfloat16, enabled=enabled, cache_enabled=False)
 
 
 def for_decoding(policy, bf16: bool):
     """The model rollouts decode with: the policy itself, or under --bf16 a bf16 copy made for this rollout (2
     bytes per parameter, freed after it). Decoding the fp32 policy under autocast would keep the KV cache's keys in
     fp32 (the rotary embedding multiplies them by the fp32 residual stream's cos/sin): 1.5x the cache."""
-    return frozen_copy(policy, torch.bfloat16) if bf16 else policy
+    return frozen_copy(policy, torch.bfloat16, matmuls_only=False) if bf16 else policy
 
 
-def frozen_copy(model, dtype: torch.dtype | None = None):
-    """A copy of `model` for inference only (eval mode, no gradients), its parameters in `dtype` (None: as they
-    are). Each parameter is converted on its own while copying, so a bf16 copy of an fp32 model never holds a
-    second fp32 set; tied parameters stay tied."""
+def frozen_copy(model, dtype: torch.dtype | None = None, matmuls_only: bool = True):
+    """A copy of `model` for inference only (eval mode, no gradients), in `dtype` (None: as it is).
+
+    matmuls_only: only the decoder's linear layers take `dtype` (the weights autocast would cast to bf16 anyway);
+    embeddings, norms and the lm_head keep their fp32, so under autocast the copy computes exactly what `model`
+    computes (a bf16 reference gives a KL of 0 at step 0, not bf16 noise), for 2 bytes per matmul parameter.
+    Otherwise every parameter takes `dtype` (the decoding copy: a residual stream in bf16 keeps the KV cache bf16).
+    Each parameter is converted on its own while copying, so a bf16 copy of an fp32 model never holds a second fp32
+    set; tied parameters stay tied."""
+    head = {id(p) for p in model.get_output_embeddings().parameters()} if matmuls_only else set()
+    linear = {id(p) for m in model.modules() if isinstance(m, torch.nn.Linear) for p in m.parameters()}
     memo = {}
     for p in model.parameters():
         if id(p) not in memo:
-            memo[id(p)] = torch.nn.Parameter(p.detach().to(dtype or p.dtype, copy=True), requires_grad=False)
+            convert = dtype is not None and (not matmuls_only or (id(p) in linear and id(p) not in head))
+            memo[id(p)] = torch.nn.Parameter(p.detach().to(dtype if convert else p.dtype, copy=True),
+                                             requires_grad=False)
     return copy.deepcopy(model, memo).eval().requires_grad_(False)
+
+
+def reshard(model) -> None:
+    """FSDP2 leaves the root group (embeddings, head) gathered after a forward, expecting a backward; after a
+    forward without one (reference and KL passes), shard it again so it does not stay resident."""
+    from torch.distributed.fsdp import FSDPModule
+
+    if isinstance(model, FSDPModule):
+        model.reshard()
 
 
 def distributed() -> bool:
@@ -159,14 +180,18 @@ def shard(model, *, bf16: bool, cpu_offload: bool = False):
     """FSDP2 (torch.distributed.fsdp.fully_shard) over every process: each decoder layer is one group, then the
     root (embeddings, final norm and lm_head, which Qwen2.5 ties to the embeddings: FSDP2 forbids one parameter in
     two groups, so they stay together, as torchtitan keeps them). Each process holds 1/W of every weight, gradient
-    and AdamW moment. Under --bf16 the layers gather their weights in bf16 and compute in bf16, gradients are
-    reduced in fp32 into the fp32 shards; the root stays fp32, so the lm_head (and log-probs) stay fp32 as in one
-    process. Gradients are SUMMED over processes, not averaged (FSDP2's default): our normalisers are global."""
+    and AdamW moment. Under --bf16 the layers gather their weights in bf16 (half the traffic; their norm weights
+    too, the one difference from one process), matmuls run in bf16 under autocast, the residual stream stays
+    fp32, and gradients are reduced in fp32 into the fp32 shards; the root stays fp32, so the lm_head (and the
+    log-probs) are fp32 as in one process. Gradients are SUMMED over processes, not averaged (FSDP2's default):
+    our normalisers are global."""
     from torch.distributed.fsdp import (CPUOffloadPolicy, FSDPModule, MixedPrecisionPolicy, OffloadPolicy,
                                         fully_shard, register_fsdp_forward_method)
 
     offload = CPUOffloadPolicy(pin_memory=torch.cuda.is_available()) if cpu_offload else OffloadPolicy()
-    layers = MixedPrecisionPolicy(param_dtype=torch.bfloat16 if bf16 else None, reduce_dtype=torch.float32)
+    # (cast_forward_inputs=False: the residual stream stays fp32 as in one process; autocast casts each matmul)
+    layers = MixedPrecisionPolicy(param_dtype=torch.bfloat16 if bf16 else None, reduce_dtype=torch.float32,
+                                  cast_forward_inputs=False)
     for layer in model.get_decoder().layers:
         fully_shard(layer, mp_policy=layers, offload_policy=offload)
     fully_shard(model, mp_policy=MixedPrecisionPolicy(reduce_dtype=torch.float32), offload_policy=offload)

@@ -26,6 +26,7 @@ The file reads top-down: configuration, loading, the schedule, then `main`, whos
 """
 import argparse
 import dataclasses
+import hashlib
 import importlib.util
 import inspect
 import json
@@ -105,7 +106,7 @@ class TrainConfig:
     scale_rewards: str = "group"  # group | batch | none
     mask_truncated_completions: bool = False  # no loss on episodes cut by the context limit
     num_iterations: int = 1  # passes over each rollout batch (TRL's mu)
-    mini_batch_size: int | None = 1280  # episodes per optimizer step, all processes (0 or None = whole batch; Search-R1: 256 x 5)
+    mini_batch_size: int | None = 1280  # episodes per optimizer step, all processes (0/None: all; Search-R1: 256x5)
     micro_batch_size: int = 8  # episodes per forward/backward
     max_grad_norm: float = 1.0  # gradient clipping
     chunk_size: int = 1024  # rows of hidden states per lm_head chunk in the fused log-prob / KL
@@ -141,7 +142,10 @@ TINY_DEFAULTS = dict(
     rollout_batch_size=320, opsd_lora_rank=0,  # all of an OPSD phase's episodes at once; full fine-tuning (no PEFT)
 )
 # Fields a checkpoint's saved configuration does not pass on to a run or evaluation started from it.
-NOT_INHERITED = ("model", "gguf_file", "resume", "run_name", "output_dir", "eval_only", "save_rollouts", "dry_run")
+NOT_INHERITED = ("model", "gguf_file", "resume", "run_name", "output_dir", "eval_only", "save_rollouts", "dry_run",
+                 "gpu_memory_gb", "cpu_offload", "rollout_batch_size")  # (and the hardware: this machine's own)
+# Inherited only with the eval sets they describe (new --eval-data: all of its questions, looked up anew).
+EVAL_SET_FIELDS = ("eval_limit", "data_dir")
 
 
 # ---------------------------------------------------------------- configuration
@@ -191,6 +195,12 @@ def parse_config(argv=None) -> TrainConfig:
     else:
         saved = checkpoint_config(model)
         base = {k: v for k, v in (saved or {}).items() if k not in NOT_INHERITED}
+        if "eval_data" in given:
+            base = {k: v for k, v in base.items() if k not in EVAL_SET_FIELDS}
+        if saved and int(os.environ.get("RANK", 0)) == 0:
+            inherited = {k: v for k, v in base.items() if k not in given and v != getattr(TrainConfig, k, v)}
+            print(f"settings from {model}'s run (give a flag to change one): "
+                  + ", ".join(f"{k}={v}" for k, v in inherited.items()), file=sys.stderr)
     return _config({**base, **given})
 
 
@@ -311,6 +321,9 @@ def check_config(cfg: TrainConfig, world_size: int) -> None:
             importlib.util.find_spec("peft") is None:
         bad(f"--opsd-lora-rank {cfg.opsd_lora_rank} (LoRA in the OPSD phase, the default for real models) needs PEFT: "
             "pip install -r requirements-lora.txt, or --opsd-lora-rank 0 for full fine-tuning")
+    if cfg.cpu_offload and cfg.opsd and cfg.opsd_lora_rank and not cfg.eval_only:
+        bad("--cpu-offload with LoRA in the OPSD phase is not supported (the adapter would sit on the CPU beside "
+            "the offloaded shards): add --opsd-lora-rank 0, or shard over more GPUs instead")
     if is_run_folder(Path(cfg.model)):
         bad(f"--model {cfg.model}: this is a run folder: use {Path(cfg.model) / 'checkpoint'}")
 
@@ -379,7 +392,11 @@ def hub_access(name: str) -> dict:
     (an unreachable hub otherwise costs ~50 s of retries before transformers gives up)."""
     from huggingface_hub import constants, try_to_load_from_cache
 
-    if isinstance(try_to_load_from_cache(name, "config.json"), str):
+    try:
+        cached = try_to_load_from_cache(name, "config.json")
+    except ValueError:  # not a valid hub id either (e.g. a mistyped local path)
+        raise SystemExit(f"error: --model {name}: no such directory, and not a hub id") from None
+    if isinstance(cached, str):
         return {"local_files_only": True}
     hint = "give a local directory (a `save_pretrained` folder or a run's checkpoint)"
     if constants.HF_HUB_OFFLINE:
@@ -450,13 +467,19 @@ def make_retriever(cfg: TrainConfig, world, device=None):
             raise SystemExit(f"error: retriever {cfg.retriever} is not answering: {str(e).splitlines()[0]}")
         return retriever
     passages = None if cfg.corpus else [parse_corpus_row(r) for r in world.corpus]
+    first = not parallel.distributed() or dist.get_rank() == 0
     try:
         if cfg.dense:
             embeddings = cfg.embeddings or (search.default_embeddings_path(cfg.corpus, cfg.dense) if cfg.corpus else
                                             None)  # (the synthetic world's are encoded in memory: a few seconds)
-            return search.DenseRetriever(cfg.dense, cfg.corpus, passages=passages, embeddings_path=embeddings,
-                                         faiss_index=cfg.faiss_index, devices=[device or "cpu"],
-                                         progress=sys.stderr.isatty())
+            if not first:
+                barrier()  # rank 0 encodes and writes the embeddings file; the others then load it
+            retriever = search.DenseRetriever(cfg.dense, cfg.corpus, passages=passages, embeddings_path=embeddings,
+                                              faiss_index=cfg.faiss_index, devices=[device or "cpu"],
+                                              progress=sys.stderr.isatty() and first)
+            if first:
+                barrier()
+            return retriever
         return BM25Retriever(cfg.corpus) if cfg.corpus else BM25Retriever(passages=passages)
     except (OSError, ValueError) as e:
         raise SystemExit(f"error: {e}")
@@ -517,7 +540,7 @@ def stream_offset(cfg: TrainConfig, rnd: int, phase: str, step: int) -> int:
     return (cfg.num_rounds * cfg.grpo_steps + rnd) * cfg.batch_size + rnd * cfg.opsd_questions
 
 
-def shard(items, rank: int, world_size: int):
+def questions_of_rank(items, rank: int, world_size: int):
     """Whole questions per rank, so a GRPO group never straddles processes."""
     return items[rank::world_size]
 
@@ -580,6 +603,17 @@ def save_checkpoint(run_dir: Path, model, tokenizer, optimizer, state: dict) -> 
     barrier()
 
 
+def model_fingerprint(model) -> str:
+    """A hash of the starting model's weights (names, shapes, sums): a resumed run must start from the same model,
+    or its reference (a copy of the start) would silently be another (an edited testbed, an updated hub model)."""
+    h = hashlib.sha256()
+    with torch.no_grad():
+        for name, p in model.named_parameters():
+            sums = float(p.double().sum()), float(p.double().abs().sum())
+            h.update(f"{name}{tuple(p.shape)}{sums[0]:.12e}{sums[1]:.12e}".encode())
+    return h.hexdigest()[:16]
+
+
 def barrier() -> None:
     if parallel.distributed():
         dist.barrier()
@@ -599,11 +633,14 @@ def restore_checkpoint(ckpt: Path, policy, optimizer) -> dict:
     state = torch.load(ckpt / "trainer_state.pt", map_location="cpu", weights_only=False)
     if not (ckpt / "dcp").is_dir():
         raise SystemExit(f"error: {ckpt}: no dcp/ folder (a checkpoint of an older version of this code)")
+    from torch.distributed.checkpoint.api import CheckpointException  # a BaseException
+
     try:
         parallel.load_sharded(ckpt / "dcp", policy, optimizer)
-    except Exception as e:  # noqa: BLE001 - DCP's errors are long; one line that names the checkpoint
-        first = next((line for line in str(e).splitlines() if line.strip()), type(e).__name__)
-        raise SystemExit(f"error: {ckpt}: checkpoint does not match the model ({first.strip()[:300]})")
+    except (Exception, CheckpointException) as e:  # noqa: BLE001 - DCP's errors are long; one line, the cause
+        lines = [line.strip() for line in str(e).splitlines() if line.strip()] or [type(e).__name__]
+        cause = next((line for line in reversed(lines) if "Error: " in line), lines[0])  # the last raise's message
+        raise SystemExit(f"error: {ckpt}: checkpoint does not match the model ({cause[:300]})")
     random.setstate(state["rng"]["python"]), np.random.set_state(state["rng"]["numpy"])
     torch.set_rng_state(state["rng"]["torch"])
     return state
@@ -747,18 +784,19 @@ def _main(argv=None) -> dict:
     # PLUMBING: load everything that can fail before the run folder exists -----------------------------------
     random.seed(cfg.seed), np.random.seed(cfg.seed), torch.manual_seed(cfg.seed)
     world, train_examples, eval_sets, retriever = load_data(cfg, device)
-    policy, tokenizer = load_model(cfg, world, device)
+    policy, tokenizer = load_model(cfg, world, "cpu" if sharded else device)  # (sharded: only shards go to the GPU)
     budget = memory_budget(cfg, device)
     plan = memory.format_plan(cfg, memory.model_shape(policy.config), budget, world_size)
     say(plan if budget else plan.splitlines()[-1].strip().replace("peak", "memory plan: peak", 1) +
         " (python train.py --dry-run ... for the table)")
     if cfg.eval_only:
         return run_eval_only(cfg, policy, tokenizer, eval_sets, retriever, device, rank, world_size, say)
+    start = model_fingerprint(policy)
     frozen_dtype = torch.bfloat16 if cfg.bf16 else None  # of the reference and the decoding copy
     ref_model = parallel.frozen_copy(policy, frozen_dtype) if cfg.beta > 0 else None
     decoder = None  # one process: rollouts decode with the policy itself (or a bf16 copy made per rollout)
     if sharded:  # PLUMBING: FSDP2 over the processes; rollouts decode with one unsharded copy, refreshed each time
-        decoder = parallel.frozen_copy(policy, frozen_dtype)
+        decoder = parallel.frozen_copy(policy, frozen_dtype, matmuls_only=False).to(device)
         ref_model = parallel.shard(ref_model, bf16=False, cpu_offload=cfg.cpu_offload) if ref_model else None
         policy = parallel.shard(policy, bf16=cfg.bf16, cpu_offload=cfg.cpu_offload)
     optimizer = torch.optim.AdamW(policy.parameters(), lr=cfg.lr, weight_decay=cfg.weight_decay)
@@ -774,6 +812,10 @@ def _main(argv=None) -> dict:
     next_unit, keep_lines, results = 0, 0, {}
     ckpt = find_checkpoint(run_dir) if cfg.resume else None
     if ckpt is not None:
+        saved_start = torch.load(ckpt / "trainer_state.pt", map_location="cpu", weights_only=False).get("start")
+        if saved_start not in (None, start):
+            raise SystemExit(f"error: --resume {run_dir}: the model {cfg.model!r} loads with other weights than the "
+                             "run started from (an edited testbed, an updated hub model): its reference would differ")
         state = restore_checkpoint(ckpt, policy, optimizer)
         next_unit, keep_lines, results = state["next_unit"], state["metrics_lines"], state["results"]
     log = MetricsLog(run_dir / "metrics.jsonl", keep_lines if cfg.resume else None) if main_process else None
@@ -792,7 +834,7 @@ def _main(argv=None) -> dict:
         save_checkpoint(run_dir, policy, tokenizer, optimizer, {
             "next_unit": next_index, "metrics_lines": log.lines if main_process else 0, "results": results,
             "data_cursor": sum(1 for r, p, _ in units[:next_index] if p == "grpo") * cfg.batch_size,
-            "config": asdict(cfg), "world_size": world_size,
+            "config": asdict(cfg), "world_size": world_size, "start": start,
         })
 
     try:
@@ -810,7 +852,7 @@ def _main(argv=None) -> dict:
                     n = cfg.batch_size if phase == "grpo" else cfg.opsd_questions
                     questions = draw_questions(train_examples, n, cfg.seed, stream_offset(cfg, rnd, phase, step))
                     with torch.no_grad():
-                        episodes = rollout(decoding_model(), tokenizer, shard(questions, rank, world_size),
+                        episodes = rollout(decoding_model(), tokenizer, questions_of_rank(questions, rank, world_size),
                                            retriever, rollout_config(cfg, seed=seed))
                     if phase == "grpo":
                         # 2-5. group advantages, old/ref log-probs, the clipped policy update

@@ -185,7 +185,7 @@ def check(cfg, config, tokenizer, world, retriever, query, device, args, *, shar
     ref = parallel.frozen_copy(policy, frozen_dtype)
     decoder = None
     if sharded:
-        decoder = parallel.frozen_copy(policy, frozen_dtype)
+        decoder = parallel.frozen_copy(policy, frozen_dtype, matmuls_only=False)
         ref = parallel.shard(ref, bf16=False)
         policy = parallel.shard(policy, bf16=cfg.bf16)
     optimizer = torch.optim.AdamW(policy.parameters(), lr=cfg.lr, weight_decay=cfg.weight_decay)

@@ -367,3 +367,38 @@ def test_grpo_learns_a_toy_reward():
         assert metrics["grpo/skipped_steps"] == 0
     assert sum(rewards[:3]) / 3 < 0.1
     assert sum(rewards[-3:]) / 3 > 0.5
+
+
+def test_under_bf16_autocast_a_second_optimizer_step_sees_the_first():
+    """Two optimizer steps in one autocast region (train.py wraps a whole unit in one): the second mini-batch's
+    ratio must move off 1 as it does in fp32. (With autocast's weight cache on, the second step read the weights
+    of before the first: ratio exactly 1, the clip never binding.)"""
+    import parallel
+
+    episodes = make_episodes(seed=5)
+    cfg = make_cfg(mini_batch_size=6, micro_batch_size=3, epsilon=0.05)
+    ratios = {}
+    for bf16 in (False, True):
+        model = tiny_model()
+        with parallel.autocast(bf16, "cpu"):
+            metrics = grpo_step(model, None, torch.optim.SGD(model.parameters(), lr=2.0), episodes, cfg)
+        assert metrics["grpo/optimizer_steps"] == 2
+        ratios[bf16] = metrics["grpo/ratio_mean"]
+    assert ratios[False] != pytest.approx(1.0, abs=1e-3)
+    assert ratios[True] == pytest.approx(ratios[False], abs=0.05 * abs(ratios[False] - 1))
+
+
+def test_a_bf16_reference_computes_exactly_what_the_fp32_policy_computes_under_autocast():
+    """parallel.frozen_copy keeps embeddings, norms and the head in fp32 and converts the matmul weights autocast
+    would cast anyway: at step 0 the k3 KL to the reference is exactly 0, not bf16 noise."""
+    import parallel
+
+    for tied in (False, True):
+        model = tiny_model(tied=tied)
+        ref = parallel.frozen_copy(model, torch.bfloat16)
+        assert ref.model.layers[0].mlp.up_proj.weight.dtype == torch.bfloat16
+        assert ref.model.embed_tokens.weight.dtype == ref.lm_head.weight.dtype == torch.float32
+        with parallel.autocast(True, "cpu"):
+            metrics = grpo_step(model, ref, torch.optim.SGD(model.parameters(), lr=0.0), make_episodes(),
+                                make_cfg(beta=0.1))
+        assert metrics["grpo/kl"] == 0.0

@@ -135,14 +135,13 @@ def test_fsdp2_two_processes_equal_one_for_a_grpo_step_and_an_opsd_phase(tmp_pat
 
 
 def test_fsdp2_with_bf16_compute_stays_within_bf16_tolerance_of_one_process(tmp_path):
-    """bf16 tolerance, measured: the sharded bf16 update is as close to the fp32 update as one process's bf16
-    update is (on this toy model at init, attention-logit gradients cancel, and bf16 moves q/k updates by ~40%;
-    elsewhere by ~1-5%), plus 2%. Averaging instead of summing the gradients would be off by 50% everywhere."""
+    """bf16 tolerance, measured: the sharded bf16 update is closer to one process's bf16 update than that is to the
+    fp32 update (bf16 moves this toy model's updates by 0.1-6%; the sharded run adds bf16 norm weights), plus 1%.
+    Averaging instead of summing the gradients would be off by 50% everywhere."""
     got = two_processes(tmp_path, 0, bf16=True)
     fp32, before, *_ = one_process(0, bf16=False)
     bf16, *_ = one_process(0, bf16=True)
     for name in before:
         u32, u16, sharded = fp32[name] - before[name], bf16[name] - before[name], got["state"][name] - before[name]
         if u32.abs().max() > 0:
-            noise = (u16 - u32).norm()
-            assert (sharded - u32).norm() <= 1.5 * noise + 0.02 * u32.norm(), name
+            assert (sharded - u16).norm() <= (u16 - u32).norm() + 0.01 * u16.norm(), name

@@ -396,24 +396,30 @@ def test_dropout_is_off_so_train_and_eval_mode_log_probs_agree():
 
 @pytest.mark.parametrize("tied", [True, False])
 def test_resume_accepts_a_missing_lm_head_only_for_tied_embeddings(tmp_path, tied):
-    from safetensors.torch import save_file
+    """A checkpoint of a tied model (no lm_head of its own) restores a tied model, and is refused, naming
+    lm_head.weight, by a model whose head is a weight of its own."""
     from transformers import Qwen2Config, Qwen2ForCausalLM
 
+    import parallel
     import train
 
-    model = Qwen2ForCausalLM(Qwen2Config(vocab_size=50, hidden_size=16, intermediate_size=32, num_hidden_layers=1,
-                                         num_attention_heads=2, num_key_value_heads=1, tie_word_embeddings=tied))
-    optimizer = torch.optim.AdamW(model.parameters())
-    weights = {k: v.clone() for k, v in model.state_dict().items() if k != "lm_head.weight"}
-    save_file(weights, tmp_path / "model.safetensors")
-    torch.save({"optimizer": optimizer.state_dict(), "rng": {"python": __import__("random").getstate(),
-                "numpy": __import__("numpy").random.get_state(), "torch": torch.get_rng_state()}, "next_unit": 1},
-               tmp_path / "trainer_state.pt")
+    def model(tied):
+        torch.manual_seed(0)
+        return Qwen2ForCausalLM(Qwen2Config(vocab_size=50, hidden_size=16, intermediate_size=32, num_hidden_layers=1,
+                                            num_attention_heads=2, num_key_value_heads=1, tie_word_embeddings=tied))
+
+    saved = model(True)
+    parallel.save_sharded(tmp_path / "dcp", saved, torch.optim.AdamW(saved.parameters()))
+    torch.save({"rng": {"python": __import__("random").getstate(), "numpy": __import__("numpy").random.get_state(),
+                        "torch": torch.get_rng_state()}, "next_unit": 1}, tmp_path / "trainer_state.pt")
+    target = model(tied)
+    optimizer = torch.optim.AdamW(target.parameters())
     if tied:
-        assert train.restore_checkpoint(tmp_path, model, optimizer, "cpu")["next_unit"] == 1
+        assert train.restore_checkpoint(tmp_path, target, optimizer)["next_unit"] == 1
+        assert torch.equal(target.lm_head.weight, saved.model.embed_tokens.weight)
     else:
         with pytest.raises(SystemExit, match="does not match the model.*lm_head.weight"):
-            train.restore_checkpoint(tmp_path, model, optimizer, "cpu")
+            train.restore_checkpoint(tmp_path, target, optimizer)
 
 
 def test_readme_configuration_tables_match_the_dataclass():
@@ -497,3 +503,15 @@ def test_two_process_run_killed_after_a_checkpoint_resumes_on_two_processes_or_o
 
     model = AutoModelForCausalLM.from_pretrained(tmp_path / "one" / "checkpoint")  # the exported full weights
     assert all(torch.isfinite(p).all() for p in model.parameters())
+
+
+def test_resume_refuses_a_starting_model_that_changed(tmp_path):
+    """The reference model is a copy of the starting model: resuming after the testbed (or a hub model) changed
+    would compare the policy with another model's copy. One line says so."""
+    run_train([*SHORT, "--run-name", "a"], tmp_path)
+    (tmp_path / "a" / "results.json").unlink()  # (as if killed after its last checkpoint)
+    state = torch.load(tmp_path / "a" / "checkpoint" / "trainer_state.pt", weights_only=False)
+    torch.save({**state, "start": "0000000000000000"}, tmp_path / "a" / "checkpoint" / "trainer_state.pt")
+    proc = run_train(["--resume", str(tmp_path / "a")], tmp_path, check=False)
+    assert proc.returncode != 0 and "loads with other weights than the run started from" in proc.stderr
+    assert "Traceback" not in proc.stderr
