@@ -281,7 +281,6 @@ _ENDINGS = {
     "given": ["ak", "ek", "ix", "uk", "az", "oz", "yn", "eth"],
     "family": ["oni", "ari", "eli", "ova", "ani", "uri", "essa", "ondo"],
     "place": ["grad", "holm", "thal", "wick", "stad", "vek", "mund", "oth"],
-    "country": ["ia", "onia", "aria", "istan", "ovia"],
     "org": ["tech", "corp", "vox", "lux", "dyne", "gen", "tronix", "soft"],
     "orgword": ["ex", "ox", "ux"],
 }
@@ -336,40 +335,43 @@ def _names(rng: random.Random, first: list[str], second: list[str], n: int) -> l
     return out
 
 
-PROFESSIONS = ["painter", "sailor", "farmer", "teacher", "doctor", "poet", "baker", "judge", "miner", "weaver"]
-
-# Question templates: (kind, relation path, question). The plan searches each entity on the path in turn.
+# Question templates: (kind, relation path) -> paraphrases. The plan searches each entity on the path in turn.
+# What decides the plan is always one cue: "year" in every question whose answer is a year, "founder of" or
+# "birthplace of" in every two-hop question and in no one-hop question.
 SINGLE_HOP = {
-    ("person", "born_in"): "Where was {} born?",
-    ("person", "birth_year"): "In which year was {} born?",
-    ("person", "works_for"): "Which company does {} work for?",
-    ("place", "country"): "In which country is {}?",
-    ("place", "founded"): "In which year was {} founded?",
-    ("org", "headquartered_in"): "Where is {} headquartered?",
-    ("org", "founded_by"): "Who founded {}?",
-    ("org", "founded"): "In which year was {} founded?",
+    ("person", "born_in"): ["Where was {} born?", "In which city was {} born?", "Which city was {} born in?"],
+    ("place", "founded"): ["In which year was {} founded?", "Which year was {} founded in?",
+                           "In what year was {} founded?"],
+    ("org", "founded_by"): ["Who founded {}?", "Which person founded {}?", "By whom was {} founded?"],
 }
 TWO_HOP = {  # (kind, first relation, second relation)
-    ("org", "founded_by", "born_in"): "Where was the founder of {} born?",
-    ("org", "founded_by", "birth_year"): "In which year was the founder of {} born?",
-    ("org", "headquartered_in", "country"): "In which country is {} headquartered?",
-    ("person", "works_for", "founded"): "In which year was the employer of {} founded?",
-    ("person", "works_for", "headquartered_in"): "Where is the employer of {} headquartered?",
-    ("person", "works_for", "founded_by"): "Who founded the employer of {}?",
-    ("person", "born_in", "country"): "In which country was {} born?",
-    ("person", "born_in", "founded"): "In which year was the birthplace of {} founded?",
+    ("org", "founded_by", "born_in"): ["Where was the founder of {} born?", "In which city was the founder of {} born?",
+                                       "Which city was the founder of {} born in?"],
+    ("person", "born_in", "founded"): ["In which year was the birthplace of {} founded?",
+                                       "Which year was the birthplace of {} founded in?",
+                                       "In what year was the birthplace of {} founded?"],
 }
 
 
 def _draw(rng: random.Random, pool, k: int) -> list[tuple]:
-    """k distinct (relations, template, entity) picks from [(relations, template, entities), ...]."""
+    """k distinct (relations, template, entity) picks from [(relations, template, entities), ...], spread evenly
+    over the relation paths (a path with fewer pairs than its share gives the rest to the others), so that each
+    kind of question is about as common as the others, whatever the entity counts."""
+    paths: dict[tuple, list[tuple]] = {}
+    for rels, template, names in pool:
+        paths.setdefault(rels, []).append((template, names))
+    sizes = {rels: sum(len(names) for _, names in parts) for rels, parts in paths.items()}
+    shares = dict.fromkeys(paths, 0)
+    while sum(shares.values()) < k and any(shares[r] < sizes[r] for r in paths):  # water-filling, one at a time
+        shares[min((r for r in paths if shares[r] < sizes[r]), key=lambda r: shares[r])] += 1
     out = []
-    for i in rng.sample(range(sum(len(names) for *_, names in pool)), k):  # range: nothing materialised
-        for rels, template, names in pool:
-            if i < len(names):
-                out.append((rels, template, names[i]))
-                break
-            i -= len(names)
+    for rels, parts in paths.items():
+        for i in rng.sample(range(sizes[rels]), shares[rels]):  # range: nothing materialised
+            for template, names in parts:
+                if i < len(names):
+                    out.append((rels, template, names[i]))
+                    break
+                i -= len(names)
     return out
 
 
@@ -390,16 +392,25 @@ class World:
     plans: dict[str, list[tuple[str, str]]]  # example id -> [(ideal query = entity name, its answer), ...]
     facts: dict[str, dict[str, str]] = field(default_factory=dict)  # entity name -> {relation: value, "kind": ...}
 
+    def question_type(self, example: Example) -> str:
+        """"year" (the answer is a year, one or two hops), else "one_hop" or "two_hop": the rows of the testbed's
+        per-type tables."""
+        if example.golden_answers[0].isdigit():
+            return "year"
+        return "two_hop" if len(self.plans[example.id]) > 1 else "one_hop"
+
 
 def make_world(seed: int = 0, *, num_people: int = 200, num_places: int = 50, num_orgs: int = 70,
-               num_countries: int = 8, num_train: int = 800, num_test: int = 200, two_hop_fraction: float = 0.3,
+               num_train: int = 800, num_test: int = 200, two_hop_fraction: float = 0.4,
                scale: float = 1.0) -> World:
     """A deterministic fictional encyclopedia: one passage per entity, and single-/two-hop questions on it.
 
     `scale` multiplies the entity counts (scale=320: 102,400 passages); question counts stay as given.
-    Every person is born in a place in a year, and either works for an organisation or has a profession;
-    every place lies in a country (countries are answers only, they have no passage) and was founded in a year;
-    every organisation is headquartered in a place and was founded by a person (who works for it) in a year.
+    Every person was born in a place, every place was founded in a year, every organisation was founded by a
+    person: each passage holds one value besides its own name, so reading an answer out of a passage takes no
+    choice between two values (a choice that a 1M-parameter model, tiny.py, does not learn in its warm start).
+    One-hop questions ask a person's birthplace, a place's founding year or an organisation's founder; two-hop
+    questions an organisation's founder's birthplace or a person's birthplace's founding year.
     """
     rng = random.Random(seed)
     num_people, num_places, num_orgs = (max(1, round(n * scale)) for n in (num_people, num_places, num_orgs))
@@ -407,53 +418,37 @@ def make_world(seed: int = 0, *, num_people: int = 200, num_places: int = 50, nu
     side = max(8, int(2 * num_people ** 0.5))
     people = _names(rng, _words(rng, "given", side, used), _words(rng, "family", side, used), num_people)
     places = _words(rng, "place", num_places, used)
-    countries = _words(rng, "country", num_countries, used)
     side = max(8, int(2 * num_orgs ** 0.5))
     orgs = _names(rng, _words(rng, "orgword", side, used), _words(rng, "org", side, used), num_orgs)
 
     facts: dict[str, dict[str, str]] = {}
     for p in places:
-        facts[p] = {"kind": "place", "country": rng.choice(countries), "founded": str(rng.randint(1000, 1800))}
+        facts[p] = {"kind": "place", "founded": str(rng.randint(1000, 1800))}
     for p in people:
-        facts[p] = {"kind": "person", "born_in": rng.choice(places), "birth_year": str(rng.randint(1800, 1970))}
-    founders = rng.sample(people, min(num_orgs, num_people))
-    for i, o in enumerate(orgs):
-        founder = founders[i % len(founders)]
-        year = int(facts[founder]["birth_year"]) + rng.randint(20, 50)
-        facts[o] = {"kind": "org", "headquartered_in": rng.choice(places), "founded_by": founder, "founded": str(year)}
-        facts[founder].setdefault("works_for", o)
-    for p in people:
-        if "works_for" not in facts[p]:
-            if rng.random() < 0.75:
-                facts[p]["works_for"] = rng.choice(orgs)
-            else:
-                facts[p]["profession"] = rng.choice(PROFESSIONS)
+        facts[p] = {"kind": "person", "born_in": rng.choice(places)}
+    for o in orgs:
+        facts[o] = {"kind": "org", "founded_by": rng.choice(people)}
 
     # One passage per entity: short, regular sentences, each restating the name (the title line, as in wiki-18).
     rows = []
     for name, f in facts.items():
         if f["kind"] == "person":
-            s = [f"{name} was born in {f['born_in']} in {f['birth_year']}."]
-            if "works_for" in f:
-                s.append(f"{name} works for {f['works_for']}.")
-            else:
-                s.append(f"{name} works as a {f['profession']}.")
+            s = [f"{name} is a person.", f"{name} was born in {f['born_in']}."]
         elif f["kind"] == "place":
-            s = [f"{name} is a city in {f['country']}.", f"{name} was founded in {f['founded']}."]
+            s = [f"{name} is a city.", f"{name} was founded in {f['founded']}."]
         else:
-            s = [f"{name} is a company headquartered in {f['headquartered_in']}.",
-                 f"{name} was founded by {f['founded_by']} in {f['founded']}."]
+            s = [f"{name} is a company.", f"{name} was founded by {f['founded_by']}."]
         rows.append('"' + name + '"\n' + " ".join(s))
     rng.shuffle(rows)
     corpus = [{"id": str(i), "contents": c} for i, c in enumerate(rows)]
 
     # Questions: a seeded draw, without replacement, from every (template, entity) pair that applies.
-    # (A founder who works for their own company would answer "who founded the employer of X": X; skipped.)
+    # (A two-hop path that leads back to the question's own entity would give it away; skipped.)
     single = [((rel,), template, [n for n, f in facts.items() if f["kind"] == kind and rel in f])
-              for (kind, rel), template in SINGLE_HOP.items()]
+              for (kind, rel), templates in SINGLE_HOP.items() for template in templates]
     double = [((r1, r2), template, [n for n, f in facts.items() if f["kind"] == kind and r1 in f
                                     and r2 in facts[f[r1]] and facts[f[r1]][r2] != n])
-              for (kind, r1, r2), template in TWO_HOP.items()]
+              for (kind, r1, r2), templates in TWO_HOP.items() for template in templates]
     total = num_train + num_test
     n_two = min(sum(len(names) for *_, names in double), round(total * two_hop_fraction))
     n_one = total - n_two

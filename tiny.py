@@ -2,7 +2,7 @@
 
 A random tiny model never answers correctly, so GRPO would see only zero advantages and OPSD no correct sibling.
 `load_tiny(world)` instead returns a ~1M-parameter Qwen2 (the real `Qwen2ForCausalLM` class, so every code path
-is the one a 3B run takes) whose tokenizer is trained in-process on the synthetic world, warm-started by two short
+is the one a 3B run takes) whose tokenizer is trained in-process on the synthetic world, warm-started by three short
 supervised passes on trajectories written in exactly the rollout format:
 
     <think> I need to search NAME. </think>
@@ -13,28 +13,34 @@ supervised passes on trajectories written in exactly the rollout format:
     <think> I found the answer. </think>
     <answer> ANSWER </answer><|im_end|>
 
-The warm start has two stages (`warm_start`), both next-token cross-entropy on the model's tokens and, as
-reading practice, on the retrieved passages:
+The warm start has three stages (`warm_start`), all next-token cross-entropy on the model's tokens and, as
+reading practice, on the retrieved passages. Each is there so that one effect the paper claims has room to show
+(the README, "The built-in testbed", says which and what was measured):
 
 1. drills: ideal trajectories only (search the question's entity, read the answer out of Doc 1; two searches for
-   two-hop questions). A 1M-parameter model needs ~900 steps to learn the two copy operations a correct answer
-   takes (name into the query, answer out of the passage); flaws in the data slow that down, so none here.
-2. habits: a short pass at a lower learning rate on a deliberately flawed mix, so the starting policy knows the
-   format but is far from good: it guesses year questions without searching 90% of the time (an agent
-   overconfident about dates) and other questions 5%; 10% search for someone else and answer, correctly, from
-   the wrong passage; about 30% repeat a search. 15% carry OPSD's privileged context (a reference solution in the
-   prompt, `opsd.TEACHER_CONTEXT`) and follow it: a 3B model reads a worked solution out of the box, a 1M one
-   has to be shown.
+   two-hop questions), until the model copies a name into its query and a name or year out of a passage.
+2. references: half ideal trajectories, half with OPSD's privileged context (a reference solution in the prompt,
+   `opsd.TEACHER_CONTEXT`) followed exactly, so that the teacher can read: a 3B model reads a worked solution out
+   of the box, a 1M one has to be shown (a few hundred such examples in the last stage alone left the teacher
+   worse than the student; mixing them into the drills kept the model from learning to read years at all).
+3. habits: a deliberately flawed mix, so the starting policy knows the format but is far from good: it guesses
+   year questions without searching 90% of the time (an agent overconfident about dates) and other questions 5%;
+   10% of searches look for someone else (the answer is then read, correctly, off the wrong passage); 80% of
+   two-hop questions are answered after the first search, with the bridge entity read there; 70% of searching
+   episodes make their first search twice (redundant: the reward does not mind, only OPSD's fewest-searches reference
+   does). 30% carry a reference in the prompt, as OPSD chooses it among G = 5 draws of this flawed mix (a correct
+   one with the fewest searches), and follow it.
 
 Measured results (the starting exact match, what GRPO does with it) are in the README, "The built-in testbed".
 The tokenizer splits numbers into digits, as Qwen2's does, so a year is four well-trained tokens; the world's
-names come out as single tokens. Built once (~3 minutes on 2 cores) and cached under `$SEARCH_E1_CACHE` (default
+names come out as single tokens. Built once (about 3 minutes on 2 cores) and cached under `$SEARCH_E1_CACHE` (default
 ~/.cache/search-e1), keyed by a hash of what shapes it (`recipe_key`: the recipe, the world's content, the text
 it is trained on), so any change that matters rebuilds it, and nothing else does.
     python -c "import data, tiny; tiny.load_tiny(data.make_world())"
 """
 from __future__ import annotations
 
+import dataclasses
 import hashlib
 import math
 import os
@@ -74,14 +80,20 @@ class TinyRecipe:
     # of a passage (a 1M-parameter model needs ~900 steps to form that skill, and flaws in the data slow it).
     drill_steps: int = 900  # optimizer steps of batch_size trajectories
     lr: float = 3e-3  # peak learning rate of the drills (warmup, then cosine decay to 0)
-    # Stage 2, habits: a flawed mix, so the starting policy is far from good (and something is left to learn).
+    # Stage 2, references: drills of which a share carries a reference in the prompt, copied (OPSD's teacher).
+    reference_steps: int = 300  # optimizer steps of batch_size trajectories
+    reference_lr: float = 2e-3  # peak learning rate
+    p_reference: float = 0.5  # of this stage's trajectories: a reference in the prompt, followed
+    # Stage 3, habits: a flawed mix, so the starting policy is far from good (and something is left to learn).
     flawed_steps: int = 150  # optimizer steps of batch_size trajectories
-    flawed_lr: float = 5e-4  # peak learning rate of the habits: low, so the drilled skill survives
+    flawed_lr: float = 5e-4  # peak learning rate of the habits: low, so the drilled skills survive
     p_guess: float = 0.05  # answer straight away, without searching, with a guess of the right kind
     p_guess_year: float = 0.90  # the same on questions whose answer is a year: an agent overconfident about dates
     p_wrong_query: float = 0.10  # of the searching trajectories: search for someone else, then answer from what came back
-    p_extra_search: float = 0.30  # repeat a search once before answering
-    p_privileged: float = 0.15  # of all: prompt carries a reference solution (OPSD's teacher context), followed exactly
+    p_stop_early: float = 0.80  # two-hop: answer after the first search, with the bridge entity read there
+    p_extra_search: float = 0.70  # repeat the first search once before going on (a redundant search)
+    p_privileged: float = 0.30  # of all: prompt carries OPSD's reference (the fewest-search correct one of G draws), followed
+    num_generations: int = 5  # G of those draws, as in train.py
     read_observations: bool = True  # the loss also covers retrieved passages (reading practice, as in pretraining)
     batch_size: int = 16
     topk: int = 1
@@ -101,8 +113,8 @@ def recipe_key(recipe: TinyRecipe, world) -> str:
     h.update(world_fingerprint(world).encode())
     h.update(repr((CHAT_TEMPLATE, SPECIAL_TOKENS, rollout.INSTRUCTION, opsd.TEACHER_CONTEXT)).encode())
     observations = title_observations(world, recipe.topk)
-    for flawed in (False, True):
-        h.update(repr(warm_start_texts(world, recipe, 256, flawed, observations)).encode())
+    for stage in STAGES:
+        h.update(repr(warm_start_texts(world, recipe, 256, stage, observations)).encode())
     return h.hexdigest()[:16]
 
 
@@ -151,23 +163,37 @@ def follow(facts: dict, name: str, relations: tuple[str, ...]) -> list[tuple[str
 
 
 def flawed_trajectory(example, plan, observations, facts, guesses, recipe: TinyRecipe, rng: random.Random):
-    """The ideal trajectory, or one of its flaws: a guess without searching, a wrong first query (the answer is
-    then read, correctly, from the wrong passage), an extra search."""
+    """(segments, answer): the ideal trajectory, or its flaws: a guess without searching; a wrong first query (the
+    answer is then read, correctly, from the wrong passage); on a two-hop question, an answer after the first
+    search (the bridge entity read there); the first search made twice."""
     year = example.golden_answers[0].isdigit()
     if rng.random() < (recipe.p_guess_year if year else recipe.p_guess):
-        return answer_turn(rng.choice(guesses[year]), searched=False)
+        guess = rng.choice(guesses[year])
+        return answer_turn(guess, searched=False), guess
     if rng.random() < recipe.p_wrong_query:
         # Someone else of the same kind, followed along the same relations (if the world has anyone).
         first, relations = plan[0][0], relations_of(facts, plan)
         others = [other for name, f in facts.items() if f["kind"] == facts[first]["kind"] and name != first
                   and (other := follow(facts, name, relations))]
         plan = rng.choice(others) if others else plan
+    if len(plan) > 1 and rng.random() < recipe.p_stop_early:
+        plan = plan[:1]  # the answer is then the bridge entity, read off the first passage
     segments = []
     for i, (query, _) in enumerate(plan):
         turn = search_turn(query, observations, i == 0)
-        repeat = rng.random() < recipe.p_extra_search / len(plan)  # about p_extra_search per trajectory
-        segments += turn * (2 if repeat else 1)
-    return segments + answer_turn(plan[-1][1])
+        segments += turn * (2 if i == 0 and rng.random() < recipe.p_extra_search else 1)
+    return segments + answer_turn(plan[-1][1]), plan[-1][1]
+
+
+def reference_trajectory(example, plan, observations, facts, guesses, recipe: TinyRecipe, rng: random.Random):
+    """OPSD's reference choice (opsd.mine_pairs) applied to the flawed mix: of num_generations draws, a correct one
+    with the fewest searches (ties: the first); the ideal trajectory where none is correct."""
+    draws = [flawed_trajectory(example, plan, observations, facts, guesses, recipe, rng)
+             for _ in range(recipe.num_generations)]
+    correct = [segments for segments, answer in draws if answer == example.golden_answers[0]]
+    if not correct:
+        return ideal_trajectory(example, plan, observations)
+    return min(correct, key=lambda segments: sum("<search>" in text for text, trained in segments if trained))
 
 
 def build_tokenizer(world, recipe: TinyRecipe) -> PreTrainedTokenizerFast:
@@ -217,38 +243,44 @@ def title_observations(world, topk: int) -> dict[str, str]:
     return {t: rollout.format_observation(ps) for t, ps in zip(titles, retriever.search(titles, topk))}
 
 
-def warm_start_texts(world, recipe: TinyRecipe, n: int, flawed: bool, observations: dict[str, str]):
-    """(question, privileged context, segments) of n warm-start trajectories on the world's training questions:
-    ideal ones (the drills), or the flawed mix with its share of privileged prompts."""
-    rng = random.Random(recipe.seed + int(flawed))
+STAGES = ("drills", "references", "habits")
+
+
+def warm_start_texts(world, recipe: TinyRecipe, n: int, stage: str, observations: dict[str, str]):
+    """(question, privileged context, segments) of n warm-start trajectories of one stage on the world's training
+    questions: ideal ones (drills), ideal ones and references followed (references), or the flawed mix with its
+    share of references followed (habits)."""
+    rng = random.Random(recipe.seed + STAGES.index(stage))
     answers = [e.golden_answers[0] for e in world.train]
     guesses = {year: [a for a in answers if a.isdigit() == year] for year in (False, True)}
     # Each question in turn, so none is seen much more often than the others: with thousands of distinct
     # questions, memorising answers loses to copying them out of the passages.
     questions = rng.sample(world.train, len(world.train))
+    p_reference = {"drills": 0.0, "references": recipe.p_reference, "habits": recipe.p_privileged}[stage]
     out = []
     for i in range(n):
         example = questions[i % len(questions)]
         plan = world.plans[example.id]
         privileged = ""
-        if not flawed:
-            segments = ideal_trajectory(example, plan, observations)
-        elif rng.random() < recipe.p_privileged:
-            # An ideal solution in the prompt (OPSD's teacher context), and the trajectory follows it.
-            segments = ideal_trajectory(example, plan, observations)
+        if rng.random() < p_reference:
+            # A reference in the prompt (OPSD's teacher context), and the trajectory follows it: a 3B model reads a
+            # worked solution out of the box, a 1M one has to be shown.
+            segments = reference_trajectory(example, plan, observations, world.facts, guesses, recipe, rng)
             privileged = opsd.TEACHER_CONTEXT.format(reference="".join(text for text, _ in segments))
+        elif stage == "habits":
+            segments, _ = flawed_trajectory(example, plan, observations, world.facts, guesses, recipe, rng)
         else:
-            segments = flawed_trajectory(example, plan, observations, world.facts, guesses, recipe, rng)
+            segments = ideal_trajectory(example, plan, observations)
         out.append((example.question, privileged, segments))
     return out
 
 
-def warm_start_data(world, tokenizer, recipe: TinyRecipe, n: int, flawed: bool,
+def warm_start_data(world, tokenizer, recipe: TinyRecipe, n: int, stage: str,
                     observations: dict[str, str] | None = None) -> list[tuple[list[int], list[int]]]:
     """(token ids, loss mask) of the n trajectories of warm_start_texts, in the rollout's prompt format."""
     observations = observations or title_observations(world, recipe.topk)
     return [encode_trajectory(tokenizer, rollout.build_prompt(tokenizer, question, privileged=privileged), segments)
-            for question, privileged, segments in warm_start_texts(world, recipe, n, flawed, observations)]
+            for question, privileged, segments in warm_start_texts(world, recipe, n, stage, observations)]
 
 
 # ---------------------------------------------------------------- model
@@ -315,12 +347,15 @@ def supervised_pass(model, trajectories, recipe: TinyRecipe, lr: float, stage: s
 
 
 def warm_start(model, world, tokenizer, recipe: TinyRecipe, log=print) -> list[float]:
-    """Stage 1 (drills), then stage 2 (the flawed mix): the losses of both."""
+    """The three stages in turn (drills, references, habits): the losses of all."""
     observations = title_observations(world, recipe.topk)
-    drills = warm_start_data(world, tokenizer, recipe, recipe.drill_steps * recipe.batch_size, False, observations)
-    losses = supervised_pass(model, drills, recipe, recipe.lr, "drills", log=log)
-    flawed = warm_start_data(world, tokenizer, recipe, recipe.flawed_steps * recipe.batch_size, True, observations)
-    return losses + supervised_pass(model, flawed, recipe, recipe.flawed_lr, "habits", log=log)
+    losses = []
+    for stage, steps, lr in (("drills", recipe.drill_steps, recipe.lr),
+                             ("references", recipe.reference_steps, recipe.reference_lr),
+                             ("habits", recipe.flawed_steps, recipe.flawed_lr)):
+        trajectories = warm_start_data(world, tokenizer, recipe, steps * recipe.batch_size, stage, observations)
+        losses += supervised_pass(model, trajectories, recipe, lr, stage, log=log)
+    return losses
 
 
 # For tests of the plumbing: a recipe that builds in seconds (and learns nothing much).
@@ -351,3 +386,53 @@ def load_tiny(world, recipe: TinyRecipe | None = None, log=print):
     tokenizer = AutoTokenizer.from_pretrained(path)
     model = AutoModelForCausalLM.from_pretrained(path, dtype=torch.float32)
     return model.eval(), tokenizer
+
+
+# ---------------------------------------------------------------- what the warm start leaves for RL and OPSD
+
+
+def is_redundant(episode, world) -> bool:
+    """More searches than needed: one query searched twice, or more searches than the question has hops."""
+    return len(set(episode.queries)) < len(episode.queries) or episode.num_searches > len(world.plans[episode.example.id])
+
+
+@torch.no_grad()
+def search_probability(model, tokenizer, examples) -> list[float]:
+    """The first decision of each example's episode, as the greedy policy takes it: after "<think> I", the
+    probability of " need" (a search follows) against " think" (a guess follows), renormalised over the two."""
+    start = tokenizer("<think> I", add_special_tokens=False).input_ids
+    need, think = (tokenizer(w, add_special_tokens=False).input_ids[0] for w in (" need", " think"))
+    out = []
+    for example in examples:
+        prompt = tokenizer(rollout.build_prompt(tokenizer, example.question), add_special_tokens=False).input_ids
+        logits = model(input_ids=torch.tensor([prompt + start])).logits[0, -1]  # (V,)
+        out.append(float(torch.softmax(logits[[need, think]], dim=0)[0]))
+    return out
+
+
+def probe(model, tokenizer, world, retriever, rollout_cfg, n: int = 100) -> dict:
+    """What a model leaves for RL and OPSD to do, on fixed questions of the world's training split:
+    - "two_hop_sampled_em": exact match of sampled episodes (rollout_cfg's G and temperature) on n two-hop questions;
+    - "redundant_sampled": fraction of sampled episodes on n questions that search redundantly (is_redundant);
+    - "teacher_em", "student_em": greedy exact match on n questions with the ideal trajectory in the prompt
+      (OPSD's teacher context) and without it;
+    - "near_ties": fraction of the test questions whose first search-or-guess probability (search_probability)
+      lies within 0.3-0.7, where a float difference between machines could flip the greedy start."""
+    two_hop = [e for e in world.train if world.question_type(e) == "two_hop"][:n]
+    sampled = rollout.rollout(model, tokenizer, two_hop, retriever, rollout_cfg)
+    questions = world.train[:n]
+    mixed = rollout.rollout(model, tokenizer, questions, retriever, rollout_cfg)
+    greedy = dataclasses.replace(rollout_cfg, num_generations=1, greedy=True)
+    observations = title_observations(world, rollout_cfg.topk)
+    privileged = [opsd.TEACHER_CONTEXT.format(reference="".join(
+        text for text, _ in ideal_trajectory(e, world.plans[e.id], observations))) for e in questions]
+    teacher = rollout.rollout(model, tokenizer, questions, retriever, greedy, privileged=privileged)
+    student = rollout.rollout(model, tokenizer, questions, retriever, greedy)
+    p_search = search_probability(model, tokenizer, world.test)
+    return {
+        "two_hop_sampled_em": sum(e.reward for e in sampled) / len(sampled),
+        "redundant_sampled": sum(is_redundant(e, world) for e in mixed) / len(mixed),
+        "teacher_em": sum(e.reward for e in teacher) / len(teacher),
+        "student_em": sum(e.reward for e in student) / len(student),
+        "near_ties": sum(0.3 <= p <= 0.7 for p in p_search) / len(p_search),
+    }

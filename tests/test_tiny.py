@@ -34,11 +34,15 @@ def test_trajectories_are_in_the_rollout_format_with_masks_from_provenance():
     tokenizer = tiny.build_tokenizer(world, RECIPE)
     instruction = rollout.INSTRUCTION.split("{question}")[0]
     assert len(tokenizer(instruction, add_special_tokens=False).input_ids) == 1  # the boilerplate is one token
-    trajectories = tiny.warm_start_data(world, tokenizer, RECIPE, 400, flawed=True)
-    drills = tiny.warm_start_data(world, tokenizer, RECIPE, 50, flawed=False)
+    observations = tiny.title_observations(world, RECIPE.topk)
+    texts = tiny.warm_start_texts(world, RECIPE, 800, "habits", observations)
+    trajectories = tiny.warm_start_data(world, tokenizer, RECIPE, 800, "habits", observations)
+    drills = tiny.warm_start_data(world, tokenizer, RECIPE, 50, "drills")
     assert not any("I think I know this" in tokenizer.decode(ids) for ids, _ in drills)  # drills are ideal
-    guessed = {True: [], False: []}
-    for ids, mask in trajectories:
+    examples = {e.question: e for e in world.train}
+    flaws = {"guess_year": [], "guess_other": [], "stop_early": [], "repeat": []}
+    privileged_count = 0
+    for (question, privileged, segments), (ids, mask) in zip(texts, trajectories):
         assert len(ids) == len(mask) and mask[-1] == 1 and ids[-1] == tokenizer.eos_token_id
         text = tokenizer.decode(ids)
         trained = tokenizer.decode([t for t, m in zip(ids, mask) if m])
@@ -46,12 +50,26 @@ def test_trajectories_are_in_the_rollout_format_with_masks_from_provenance():
         assert "<answer>" in trained
         if "<search>" in trained:
             assert "\n\n<information>Doc 1(Title: " in text
-        if opsd.TEACHER_CONTEXT.split("{reference}")[0] in text:  # privileged prompts follow their reference
-            assert "I think I know this" not in trained
-        else:
-            guessed["which year" in text].append("I think I know this" in trained)
-    # The flaws as the recipe draws them: years guessed ~90% of the time, other questions ~5%.
-    assert sum(guessed[True]) / len(guessed[True]) > 0.75 and sum(guessed[False]) / len(guessed[False]) < 0.15
+        response = "".join(t for t, _ in segments)
+        if privileged:  # the prompt carries a correct reference, and the trajectory follows it exactly
+            privileged_count += 1
+            assert privileged == opsd.TEACHER_CONTEXT.format(reference=response) and response in text
+            assert f"<answer> {examples[question].golden_answers[0]} </answer>" in response
+            continue
+        example = examples[question]
+        queries = [t.split("<search> ")[1].split(" </search>")[0] for t, trained in segments if "<search>" in t]
+        kind = world.question_type(example)
+        flaws["guess_year" if kind == "year" else "guess_other"].append(not queries)
+        if queries:
+            flaws["repeat"].append(len(queries) > 1 and queries[0] == queries[1])
+            if len(world.plans[example.id]) == 2:
+                flaws["stop_early"].append(len(set(queries)) == 1)
+    rate = {k: sum(v) / len(v) for k, v in flaws.items()}
+    # The flaws as the recipe draws them: years guessed ~90% of the time, other questions ~5%; two-hop questions
+    # answered after one search ~80%; the first search made twice ~70%; ~30% privileged.
+    assert rate["guess_year"] > 0.8 and rate["guess_other"] < 0.12, rate
+    assert 0.65 < rate["stop_early"] < 0.92 and 0.6 < rate["repeat"] < 0.8, rate
+    assert 0.2 < privileged_count / len(texts) < 0.4
 
 
 def test_cache_key_covers_what_shapes_the_model_and_nothing_else(monkeypatch):
@@ -83,9 +101,12 @@ def test_numbers_are_split_into_digits_and_names_are_single_tokens():
 
 
 @pytest.mark.skipif(os.environ.get("SEARCH_E1_SKIP_SLOW") == "1", reason="builds the full tiny model (~3 min)")
-def test_warm_started_model_lands_in_the_target_band():
-    """The default recipe, built as `python train.py` builds it (cached under $SEARCH_E1_CACHE): greedy exact match
-    on the synthetic test split within 20-50%, with year questions mostly guessed and the rest searched."""
+def test_warm_started_model_leaves_room_for_each_effect():
+    """The default recipe, built as `python train.py` builds it (cached under $SEARCH_E1_CACHE), in the bands the
+    README states: greedy exact match on the synthetic test split within 20-50%, year questions mostly guessed and
+    the rest searched, and room for each effect OPSD claims (tiny.probe): two-hop questions solved now and then
+    under sampling, redundant searches, a teacher that reads its reference far better than the student does
+    without, and a greedy start not decided by near-ties."""
     cfg = train.parse_config([])
     world = data.make_world(**train.world_args(cfg))
     model, tokenizer = tiny.load_tiny(world, recipe=tiny.TinyRecipe(), log=lambda *_: None)
@@ -94,6 +115,11 @@ def test_warm_started_model_lands_in_the_target_band():
                                train.rollout_config(cfg, seed=0, greedy=True))
     em = sum(e.reward for e in episodes) / len(episodes)
     assert 0.20 <= em <= 0.50, em
-    year = [e.num_searches > 0 for e in episodes if e.example.golden_answers[0].isdigit()]
-    other = [e.num_searches > 0 for e in episodes if not e.example.golden_answers[0].isdigit()]
+    year = [e.num_searches > 0 for e in episodes if world.question_type(e.example) == "year"]
+    other = [e.num_searches > 0 for e in episodes if world.question_type(e.example) != "year"]
     assert sum(year) / len(year) < 0.5 < sum(other) / len(other)  # room for RL: searching pays on year questions
+    probe = tiny.probe(model, tokenizer, world, retriever, train.rollout_config(cfg, seed=1))
+    assert 0.01 <= probe["two_hop_sampled_em"] <= 0.25, probe
+    assert 0.15 <= probe["redundant_sampled"] <= 0.90, probe
+    assert probe["teacher_em"] >= probe["student_em"] + 0.20, probe
+    assert probe["near_ties"] <= 0.10, probe
