@@ -18,6 +18,7 @@ curves). Finished runs are reused; an unfinished one is resumed. About 3 minutes
 """
 import argparse
 import json
+import math
 import os
 import statistics
 import subprocess
@@ -120,7 +121,7 @@ def interval(values: list[float]) -> tuple[float, float]:
 
 def cell(values: list[float]) -> str:
     mean, half = interval(values)
-    return f"{mean:.3f} ± {half:.3f}"
+    return f"{mean:.3f}" if math.isnan(half) else f"{mean:.3f} ± {half:.3f}"  # one seed: no interval
 
 
 COLUMNS = [("EM", "em"), ("one-hop", "em_one_hop"), ("two-hop", "em_two_hop"), ("year", "em_year"),
@@ -189,9 +190,18 @@ def main():
     parser.add_argument("--out", default=str(ROOT / "runs" / "ablation"))
     parser.add_argument("--jobs", type=int, default=1, help="train.py runs at once (each gets cores / jobs threads)")
     args = parser.parse_args()
-    seeds = [int(s) for s in args.seeds.split(",")]
+    try:
+        seeds = [int(s) for s in args.seeds.split(",")]
+    except ValueError:
+        parser.error(f"--seeds: comma-separated integers, not {args.seeds!r}")
+    if args.jobs < 1:
+        parser.error(f"--jobs: at least 1, not {args.jobs}")
     cfg = train.parse_config([])  # the default run, tiny model
-    chosen = {name: extra for name, extra in arms(cfg).items() if name in args.arms.split(",")}
+    known = arms(cfg)
+    unknown = [name for name in args.arms.split(",") if name not in known]
+    if unknown:
+        parser.error(f"--arms: unknown {', '.join(unknown)} (choose from {', '.join(known)})")
+    chosen = {name: extra for name, extra in known.items() if name in args.arms.split(",")}
     out = Path(args.out)
     out.mkdir(parents=True, exist_ok=True)
     world = data.make_world(**train.world_args(cfg))
