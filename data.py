@@ -353,25 +353,21 @@ TWO_HOP = {  # (kind, first relation, second relation)
 }
 
 
-def _draw(rng: random.Random, pool, k: int) -> list[tuple]:
-    """k distinct (relations, template, entity) picks from [(relations, template, entities), ...], spread evenly
-    over the relation paths (a path with fewer pairs than its share gives the rest to the others), so that each
-    kind of question is about as common as the others, whatever the entity counts."""
-    paths: dict[tuple, list[tuple]] = {}
-    for rels, template, names in pool:
-        paths.setdefault(rels, []).append((template, names))
-    sizes = {rels: sum(len(names) for _, names in parts) for rels, parts in paths.items()}
+def _draw(rng: random.Random, paths: dict[tuple, tuple[list[str], list[str]]], k: int,
+          paraphrases: bool) -> list[tuple]:
+    """k distinct (relations, template, entity) picks from {relations: (templates, entities)}, spread evenly over
+    the relation paths (a path with fewer picks than its share gives the rest to the others), so that each kind of
+    question is about as common as the others, whatever the entity counts. With paraphrases, one fact (relations,
+    entity) may be asked in several of its templates; without, each fact at most once, in a template drawn for it."""
+    sizes = {rels: len(names) * (len(templates) if paraphrases else 1) for rels, (templates, names) in paths.items()}
     shares = dict.fromkeys(paths, 0)
     while sum(shares.values()) < k and any(shares[r] < sizes[r] for r in paths):  # water-filling, one at a time
         shares[min((r for r in paths if shares[r] < sizes[r]), key=lambda r: shares[r])] += 1
     out = []
-    for rels, parts in paths.items():
+    for rels, (templates, names) in paths.items():
         for i in rng.sample(range(sizes[rels]), shares[rels]):  # range: nothing materialised
-            for template, names in parts:
-                if i < len(names):
-                    out.append((rels, template, names[i]))
-                    break
-                i -= len(names)
+            template = templates[i // len(names)] if paraphrases else rng.choice(templates)
+            out.append((rels, template, names[i % len(names)]))
     return out
 
 
@@ -442,22 +438,30 @@ def make_world(seed: int = 0, *, num_people: int = 200, num_places: int = 50, nu
     rng.shuffle(rows)
     corpus = [{"id": str(i), "contents": c} for i, c in enumerate(rows)]
 
-    # Questions: a seeded draw, without replacement, from every (template, entity) pair that applies.
+    # Questions: a seeded draw, without replacement, from every (template, entity) pair that applies. The test
+    # split comes first, one wording per fact; the training split never asks a test fact, in any wording.
     # (A two-hop path that leads back to the question's own entity would give it away; skipped.)
-    single = [((rel,), template, [n for n, f in facts.items() if f["kind"] == kind and rel in f])
-              for (kind, rel), templates in SINGLE_HOP.items() for template in templates]
-    double = [((r1, r2), template, [n for n, f in facts.items() if f["kind"] == kind and r1 in f
-                                    and r2 in facts[f[r1]] and facts[f[r1]][r2] != n])
-              for (kind, r1, r2), templates in TWO_HOP.items() for template in templates]
-    total = num_train + num_test
-    n_two = min(sum(len(names) for *_, names in double), round(total * two_hop_fraction))
-    n_one = total - n_two
-    num_single = sum(len(names) for *_, names in single)
-    if n_one > num_single:
-        raise ValueError(f"the world has {num_single} single-hop questions, {n_one} requested: raise the entity counts")
-    drawn = _draw(rng, single, n_one) + _draw(rng, double, n_two)
-    rng.shuffle(drawn)
-    drawn = [(template.format(name), _plan(facts, name, rels)) for rels, template, name in drawn]
+    single = {(rel,): (templates, [n for n, f in facts.items() if f["kind"] == kind and rel in f])
+              for (kind, rel), templates in SINGLE_HOP.items()}
+    double = {(r1, r2): (templates, [n for n, f in facts.items() if f["kind"] == kind and r1 in f
+                                     and r2 in facts[f[r1]] and facts[f[r1]][r2] != n])
+              for (kind, r1, r2), templates in TWO_HOP.items()}
+    n_two = round(num_test * two_hop_fraction)
+    drawn_test = _draw(rng, single, num_test - n_two, False) + _draw(rng, double, n_two, False)
+    if len(drawn_test) < num_test:
+        raise ValueError(f"the world has {len(drawn_test)} facts for {num_test} test questions: "
+                         "raise the entity counts")
+    asked = {(rels, name) for rels, _, name in drawn_test}
+    single, double = ({rels: (templates, [n for n in names if (rels, n) not in asked])
+                       for rels, (templates, names) in paths.items()} for paths in (single, double))
+    n_two = min(sum(len(t) * len(names) for t, names in double.values()), round(num_train * two_hop_fraction))
+    num_single = sum(len(t) * len(names) for t, names in single.values())
+    if num_train - n_two > num_single:
+        raise ValueError(f"the world has {num_single} single-hop training questions, {num_train - n_two} requested: "
+                         "raise the entity counts")
+    drawn_train = _draw(rng, single, num_train - n_two, True) + _draw(rng, double, n_two, True)
+    rng.shuffle(drawn_train), rng.shuffle(drawn_test)
+    drawn = [(template.format(name), _plan(facts, name, rels)) for rels, template, name in drawn_train + drawn_test]
     train, test, plans = [], [], {}
     for i, (question, plan) in enumerate(drawn):
         split, j = ("train", i) if i < num_train else ("test", i - num_train)

@@ -89,11 +89,11 @@ class TinyRecipe:
     flawed_lr: float = 5e-4  # peak learning rate of the habits: low, so the drilled skills survive
     p_guess: float = 0.05  # answer straight away, without searching, with a guess of the right kind
     p_guess_year: float = 0.90  # the same on questions whose answer is a year: an agent overconfident about dates
-    p_wrong_query: float = 0.10  # of the searching trajectories: search for someone else, then answer from what came back
+    p_wrong_query: float = 0.10  # of the searching trajectories: search for someone else, answer from what came back
     p_stop_early: float = 0.80  # two-hop: answer after the first search, with the bridge entity read there
     p_extra_search: float = 0.70  # repeat the first search once before going on (a redundant search)
-    p_privileged: float = 0.30  # of all: prompt carries OPSD's reference (the fewest-search correct one of G draws), followed
-    num_generations: int = 5  # G of those draws, as in train.py
+    p_privileged: float = 0.30  # of all: OPSD's reference in the prompt (fewest-search correct of G draws), followed
+    num_generations: int = 5  # G of those draws: train.py's default (a run's --num-generations does not change it)
     read_observations: bool = True  # the loss also covers retrieved passages (reading practice, as in pretraining)
     batch_size: int = 16
     topk: int = 1
@@ -186,8 +186,9 @@ def flawed_trajectory(example, plan, observations, facts, guesses, recipe: TinyR
 
 
 def reference_trajectory(example, plan, observations, facts, guesses, recipe: TinyRecipe, rng: random.Random):
-    """OPSD's reference choice (opsd.mine_pairs) applied to the flawed mix: of num_generations draws, a correct one
-    with the fewest searches (ties: the first); the ideal trajectory where none is correct."""
+    """OPSD's reference choice applied to the flawed mix, nearly as opsd.mine_pairs makes it: of num_generations
+    draws, a correct one with the fewest searches (ties: the first drawn; mine_pairs prefers the shorter response
+    first); the ideal trajectory where none is correct."""
     draws = [flawed_trajectory(example, plan, observations, facts, guesses, recipe, rng)
              for _ in range(recipe.num_generations)]
     correct = [segments for segments, answer in draws if answer == example.golden_answers[0]]
@@ -393,7 +394,8 @@ def load_tiny(world, recipe: TinyRecipe | None = None, log=print):
 
 def is_redundant(episode, world) -> bool:
     """More searches than needed: one query searched twice, or more searches than the question has hops."""
-    return len(set(episode.queries)) < len(episode.queries) or episode.num_searches > len(world.plans[episode.example.id])
+    hops = len(world.plans[episode.example.id])
+    return len(set(episode.queries)) < len(episode.queries) or episode.num_searches > hops
 
 
 @torch.no_grad()

@@ -136,7 +136,7 @@ class TrainConfig:
 
 # Where the built-in tiny model needs otherwise. Applied only to flags not given on the command line.
 TINY_DEFAULTS = dict(
-    lr=2e-4, weight_decay=0.0, grpo_steps=16, batch_size=16, opsd_questions=64, opsd_batch_size=32,
+    lr=2e-4, weight_decay=0.0, grpo_steps=12, batch_size=16, opsd_questions=64, opsd_batch_size=32,
     mini_batch_size=None, micro_batch_size=80, max_new_tokens=40, max_obs_tokens=160, max_context_tokens=800,
     eval_limit=200, save_every=4, opsd_lr=2e-4, topk=1,  # topk: the passages tiny.py warm-starts on
     rollout_batch_size=320, opsd_lora_rank=0,  # all of an OPSD phase's episodes at once; full fine-tuning (no PEFT)

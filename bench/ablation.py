@@ -39,8 +39,10 @@ import tiny  # noqa: E402
 import train  # noqa: E402
 
 TYPES = ("one_hop", "two_hop", "year")
-# Two-sided 95% quantiles of Student's t by degrees of freedom (beyond the table: the normal's 1.96).
-T95 = {1: 12.706, 2: 4.303, 3: 3.182, 4: 2.776, 5: 2.571, 6: 2.447, 7: 2.365, 8: 2.306, 9: 2.262, 10: 2.228}
+# Two-sided 95% quantiles of Student's t by degrees of freedom, t(0.975, df) (beyond 30: the normal's 1.96).
+T95 = {1: 12.706, 2: 4.303, 3: 3.182, 4: 2.776, 5: 2.571, 6: 2.447, 7: 2.365, 8: 2.306, 9: 2.262, 10: 2.228,
+       11: 2.201, 12: 2.179, 13: 2.160, 14: 2.145, 15: 2.131, 16: 2.120, 17: 2.110, 18: 2.101, 19: 2.093, 20: 2.086,
+       21: 2.080, 22: 2.074, 23: 2.069, 24: 2.064, 25: 2.060, 26: 2.056, 27: 2.052, 28: 2.048, 29: 2.045, 30: 2.042}
 
 
 def arms(cfg) -> dict[str, list[str]]:
@@ -191,7 +193,7 @@ def main():
     parser.add_argument("--jobs", type=int, default=1, help="train.py runs at once (each gets cores / jobs threads)")
     args = parser.parse_args()
     try:
-        seeds = [int(s) for s in args.seeds.split(",")]
+        seeds = list(dict.fromkeys(int(s) for s in args.seeds.split(",")))  # a seed once: one run folder each
     except ValueError:
         parser.error(f"--seeds: comma-separated integers, not {args.seeds!r}")
     if args.jobs < 1:
@@ -215,7 +217,8 @@ def main():
         for future in as_completed(futures):
             seed, arm = futures[future]
             row = rows[seed, arm] = measure(future.result(), world, retriever)
-            teacher = f", teacher/student EM {row['teacher_em']:.3f}/{row['student_em']:.3f}" if "teacher_em" in row else ""
+            teacher = (f", teacher/student EM {row['teacher_em']:.3f}/{row['student_em']:.3f}"
+                       if "teacher_em" in row else "")
             print(f"[{len(rows)}/{len(jobs)}, {(time.time() - t0) / 60:.1f} min] {arm} seed {seed}: EM "
                   f"{' -> '.join(f'{v:.3f}' for v in row['curve_em'])}, two-hop {row['em_two_hop']:.3f}, "
                   f"searches {row['searches']:.2f}, sampled redundant {row['sampled_redundant']:.2f}{teacher}",

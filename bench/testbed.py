@@ -3,10 +3,11 @@
     python bench/testbed.py [--perturb 1e-6,1e-5] [--draws 5]
 
 Loads (or builds, ~3 min) the default tiny model as `python train.py` does and prints: the greedy breakdown of the
-start by question type (bench/ablation.final_breakdown), tiny.probe (two-hop success under sampling, redundant
-searches, teacher vs student, near-ties), and the starting greedy exact match after adding Gaussian noise of each
---perturb std to every weight (--draws times each): builds on two machines differ by float rounding (up to 7.8e-7
-in the weights was seen), and a start decided by near-ties would move under such noise.
+start by question type (bench/ablation.final_breakdown); tiny.probe (two-hop success under sampling, redundant
+searches, teacher vs student, near-ties); the exact match of sampled searching episodes with and without a
+redundant search (does the reward alone already discourage them?); and the starting greedy exact match after
+adding Gaussian noise of each --perturb std to every weight (--draws times each): builds on two machines differ
+by float rounding (up to 7.8e-7 in the weights was seen), and a start decided by near-ties would move under it.
 """
 import argparse
 import sys
@@ -43,6 +44,18 @@ def main():
     print("\n| tiny.probe | value |\n|---|---|")
     for key, value in probe.items():
         print(f"| {key} | {value:.3f} |")
+
+    # Does the reward see redundant searching? Exact match of sampled searching episodes, redundant or not.
+    sampled = rollout.rollout(model, tokenizer, world.train[:200], retriever, train.rollout_config(cfg, seed=1))
+    print("\n| sampled searching episodes (200 training questions x G) | redundant: n, EM | not redundant: n, EM |")
+    print("|---|---|---|")
+    for kind in ablation.TYPES:
+        searched = [e for e in sampled if world.question_type(e.example) == kind and e.num_searches]
+        cells = []
+        for redundant in (True, False):
+            rewards = [e.reward for e in searched if tiny.is_redundant(e, world) == redundant]
+            cells.append(f"{len(rewards)}, {sum(rewards) / max(len(rewards), 1):.3f}")
+        print(f"| {kind} | {cells[0]} | {cells[1]} |")
 
     base = {k: v.clone() for k, v in model.state_dict().items()}
     generator = torch.Generator().manual_seed(0)

@@ -15,11 +15,11 @@ def test_interval_is_students_t_95_percent_half_width():
     mean, half = ablation.interval(values)
     assert mean == pytest.approx(statistics.mean(values))
     # t(0.975, df=4) = 2.7764 (tables); half-width = t * s / sqrt(n)
-    assert half == pytest.approx(2.7764 * statistics.stdev(values) / math.sqrt(5), rel=1e-3)  # the table keeps 3 decimals
-    try:
-        from scipy import stats
-    except ImportError:
-        return
+    assert half == pytest.approx(2.7764 * statistics.stdev(values) / math.sqrt(5), rel=1e-3)  # 3 decimals
+
+
+def test_t_quantiles_are_students():
+    stats = pytest.importorskip("scipy.stats")
     for df, t in ablation.T95.items():
         assert t == pytest.approx(stats.t.ppf(0.975, df), abs=1e-3)
 
@@ -44,5 +44,9 @@ def test_table_pairs_each_arm_with_grpo_only_seed_by_seed(tmp_path):
     # differences 0.02 and 0.03: mean 0.025, half-width t(df=1) * stdev / sqrt(2)
     half = 12.706 * statistics.stdev([0.02, 0.03]) / math.sqrt(2)
     assert paired.split("|")[3].strip() == f"{0.025:.3f} ± {half:.3f}"
+    grpo_only = next(line for line in lines if line.startswith("| grpo_only |")).split("|")
+    del results["grpo_only"][0]["pairs"]  # an arm without OPSD has no pairs: a dash, not a number
+    assert next(line for line in ablation.table(results).splitlines()
+                if line.startswith("| grpo_only |")).split("|")[-2].strip() == "—" != grpo_only[-2].strip()
     ablation.plot(results, tmp_path / "ablation.png")
     assert (tmp_path / "ablation.png").stat().st_size > 10_000

@@ -4,6 +4,7 @@ import os
 import re
 import subprocess
 import sys
+from collections import Counter
 from pathlib import Path
 
 import pytest
@@ -316,7 +317,7 @@ def test_world_scales():
     assert len(small.corpus) == 160 and len(big.corpus) == 32 * 320
     assert len(set(titles(big))) == len(big.corpus)
     assert len(big.train) == 100 and len(big.test) == 50
-    with pytest.raises(ValueError, match="single-hop questions"):
+    with pytest.raises(ValueError, match="raise the entity counts"):
         make_world(scale=0.05)
 
 
@@ -333,3 +334,30 @@ def test_bm25_finds_supporting_passages(world):
     queries = sorted({q for plan in world.plans.values() for q, _ in plan})
     top1 = [top[0].title for top in retriever.search(queries, 1)]
     assert sum(t == f'"{q}"' for q, t in zip(queries, top1)) / len(queries) >= 0.99
+
+
+def test_no_test_fact_is_asked_in_training_in_any_wording(world):
+    """A fact is an entity and a relation path (here: the first entity and the number of hops, since each kind of
+    entity has one path of each length); paraphrases must not carry a test fact into the training split."""
+    fact = {e.id: (world.plans[e.id][0][0], len(world.plans[e.id])) for e in world.train + world.test}
+    train = {fact[e.id] for e in world.train}
+    test = [fact[e.id] for e in world.test]
+    assert len(set(test)) == len(test) and not train & set(test)
+
+
+def test_questions_spread_evenly_over_relation_paths_and_types():
+    world = make_world(seed=0, scale=8.0, num_train=6000)  # the default run's world: no path runs out of entities
+    path = {e.id: (world.facts[world.plans[e.id][0][0]]["kind"], len(world.plans[e.id])) for e in world.train}
+    counts = Counter(path.values())
+    facts = Counter(p for p in set((path[e.id], world.plans[e.id][0][0]) for e in world.train) for p in [p[0]])
+    assert len(counts) == len(data.SINGLE_HOP) + len(data.TWO_HOP)
+    for hops in (1, 2):  # water-filled shares: even, except paths that ran out (every fact in all 3 wordings)
+        full = [n for p, n in counts.items() if p[1] == hops and n == 3 * facts[p]]
+        even = [n for p, n in counts.items() if p[1] == hops and n != 3 * facts[p]]
+        assert even and max(even) - min(even) <= 1 and all(n < min(even) for n in full), counts
+    types = Counter(world.question_type(e) for e in world.test)
+    for e in world.test:
+        kind = world.question_type(e)
+        assert (kind == "year") == e.golden_answers[0].isdigit()
+        assert kind == "year" or (kind == "two_hop") == (len(world.plans[e.id]) == 2)
+    assert set(types) == {"one_hop", "two_hop", "year"}

@@ -1,6 +1,7 @@
 """The built-in tiny model (testbed plumbing): tokenizer, warm-start data and determinism."""
 import dataclasses
 import os
+from types import SimpleNamespace
 
 import pytest
 import torch
@@ -106,7 +107,7 @@ def test_warm_started_model_leaves_room_for_each_effect():
     README states: greedy exact match on the synthetic test split within 20-50%, year questions mostly guessed and
     the rest searched, and room for each effect OPSD claims (tiny.probe): two-hop questions solved now and then
     under sampling, redundant searches, a teacher that reads its reference far better than the student does
-    without, and a greedy start not decided by near-ties."""
+    without, and a greedy start that weight noise of 1e-5 does not move."""
     cfg = train.parse_config([])
     world = data.make_world(**train.world_args(cfg))
     model, tokenizer = tiny.load_tiny(world, recipe=tiny.TinyRecipe(), log=lambda *_: None)
@@ -120,6 +121,29 @@ def test_warm_started_model_leaves_room_for_each_effect():
     assert sum(year) / len(year) < 0.5 < sum(other) / len(other)  # room for RL: searching pays on year questions
     probe = tiny.probe(model, tokenizer, world, retriever, train.rollout_config(cfg, seed=1))
     assert 0.01 <= probe["two_hop_sampled_em"] <= 0.25, probe
-    assert 0.15 <= probe["redundant_sampled"] <= 0.90, probe
+    assert 0.10 <= probe["redundant_sampled"] <= 0.90, probe
     assert probe["teacher_em"] >= probe["student_em"] + 0.20, probe
-    assert probe["near_ties"] <= 0.10, probe
+    assert probe["near_ties"] <= 0.35, probe
+    # Not decided by near-ties: noise 10x larger than two machines' builds differ by leaves the start where it is.
+    generator = torch.Generator().manual_seed(0)
+    with torch.no_grad():
+        for p in model.parameters():
+            p.add_(1e-5 * torch.randn(p.shape, generator=generator))
+    noisy = rollout.rollout(model, tokenizer, world.test[:cfg.eval_limit], retriever,
+                            train.rollout_config(cfg, seed=0, greedy=True))
+    assert sum(e.reward for e in noisy) / len(noisy) == em
+
+
+def test_redundant_means_a_repeated_query_or_more_searches_than_hops():
+    world = data.make_world(seed=0)
+    one = next(e for e in world.test if len(world.plans[e.id]) == 1)
+    two = next(e for e in world.test if len(world.plans[e.id]) == 2)
+
+    def episode(example, *queries):
+        return SimpleNamespace(example=example, queries=list(queries), num_searches=len(queries))
+
+    first, second = (q for q, _ in world.plans[two.id])
+    assert not tiny.is_redundant(episode(one), world) and not tiny.is_redundant(episode(one, "a"), world)
+    assert tiny.is_redundant(episode(one, "a", "b"), world) and tiny.is_redundant(episode(two, first, first), world)
+    assert not tiny.is_redundant(episode(two, first, second), world)
+    assert tiny.is_redundant(episode(two, first, second, "c"), world)
