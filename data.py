@@ -460,7 +460,8 @@ def make_world(seed: int = 0, *, num_people: int = 200, num_places: int = 50, nu
         raise ValueError(f"the world has {num_single} single-hop training questions, {num_train - n_two} requested: "
                          "raise the entity counts")
     drawn_train = _draw(rng, single, num_train - n_two, True) + _draw(rng, double, n_two, True)
-    rng.shuffle(drawn_train), rng.shuffle(drawn_test)
+    rng.shuffle(drawn_train)
+    rng.shuffle(drawn_test)
     drawn = [(template.format(name), _plan(facts, name, rels)) for rels, template, name in drawn_train + drawn_test]
     train, test, plans = [], [], {}
     for i, (question, plan) in enumerate(drawn):

@@ -349,7 +349,7 @@ def test_questions_spread_evenly_over_relation_paths_and_types():
     world = make_world(seed=0, scale=8.0, num_train=6000)  # the default run's world: no path runs out of entities
     path = {e.id: (world.facts[world.plans[e.id][0][0]]["kind"], len(world.plans[e.id])) for e in world.train}
     counts = Counter(path.values())
-    facts = Counter(p for p in set((path[e.id], world.plans[e.id][0][0]) for e in world.train) for p in [p[0]])
+    facts = Counter(p for p, _ in {(path[e.id], world.plans[e.id][0][0]) for e in world.train})  # per path
     assert len(counts) == len(data.SINGLE_HOP) + len(data.TWO_HOP)
     for hops in (1, 2):  # water-filled shares: even, except paths that ran out (every fact in all 3 wordings)
         full = [n for p, n in counts.items() if p[1] == hops and n == 3 * facts[p]]
